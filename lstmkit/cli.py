@@ -1,0 +1,234 @@
+"""The command line: `lstmkit train | sample | eval | gradient-flow | visualize`.
+
+    lstmkit train                                  the main job: a char LSTM on the built-in 무정
+    lstmkit train --data FILE --out DIR ...        any UTF-8 text (see `lstmkit train -h`)
+    lstmkit train --resume DIR [--steps N]         continue a saved run exactly where it stopped
+    lstmkit sample DIR [--length N --temperature T --top-k K --top-p P --greedy --prime TEXT --seed S]
+    lstmkit eval DIR --data FILE [--json]          bits per character (char, jamo) or perplexity (word)
+
+Bad input (a missing or undecodable file, a bad hyperparameter, a broken checkpoint, ...) prints one
+line `lstmkit: error: ...` on stderr and exits with status 2, writing nothing; a training run that
+diverges exits with status 1; Ctrl-C / SIGTERM save the run and exit with 130 / 143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from . import config as C
+
+EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line (no usage block) and never exits by itself."""
+
+    def error(self, message):
+        raise _UsageError(message)
+
+
+def _positive_int(s):
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {s}")
+    return v
+
+
+def _nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s}")
+    return v
+
+
+def _positive_float(s):
+    v = float(s)
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {s}")
+    return v
+
+
+def _add_train(sub):
+    d = C.TrainConfig()
+    p = sub.add_parser("train", help="train a language model on a UTF-8 text",
+                       description="Train an LSTM language model. With no arguments: the main job, a "
+                                   f"character-level LSTM on the built-in 무정 for {C.MAIN_JOB_MINUTES:g} minutes.")
+    a = p.add_argument
+    a("--data", help=f"a UTF-8 text file, or a built-in corpus: {', '.join(C.BUILTIN_CORPORA)} "
+                     f"(default {d.data})")
+    a("--out", help="checkpoint directory (default: a new folder under runs/)")
+    a("--tokenizer", choices=C.TOKENIZERS, help=f"default {d.tokenizer}")
+    a("--hidden-size", type=int, help=f"default {d.hidden_size}")
+    a("--embed-size", type=int, help="default: the hidden size")
+    a("--num-layers", type=int, help=f"default {d.num_layers}")
+    a("--dropout", type=float, help=f"between LSTM layers, default {d.dropout}")
+    a("--seq-len", type=int, help=f"BPTT length T, default {d.seq_len}")
+    a("--batch-size", type=int, help=f"parallel streams B, default {d.batch_size}")
+    a("--optimizer", choices=C.OPTIMIZERS, help=f"default {d.optimizer}")
+    a("--lr", type=_positive_float, help="learning rate (default per optimizer: "
+      + ", ".join(f"{k} {v:g}" for k, v in C.DEFAULT_LR.items()) + ")")
+    a("--momentum", type=float, help=f"SGD momentum, default {d.momentum}")
+    a("--lr-decay", type=float, help=f"multiply the lr by this every --lr-decay-every steps, default {d.lr_decay}")
+    a("--lr-decay-every", type=int, help=f"default {d.lr_decay_every}")
+    a("--grad-clip", type=float, help=f"0 = off, default {d.grad_clip}")
+    a("--clip-mode", choices=C.CLIP_MODES, help=f"global L2 norm or elementwise, default {d.clip_mode}")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=_positive_int, help="total optimizer steps")
+    g.add_argument("--epochs", type=_positive_float, help="passes over the training text")
+    g.add_argument("--minutes", type=_positive_float,
+                   help=f"minutes of training (the default when none of these is given: {C.MAIN_JOB_MINUTES:g})")
+    a("--val-frac", type=float, help=f"held-out tail for validation, default {d.val_frac}")
+    a("--eval-every", type=int, help=f"validate and checkpoint every N steps, default {d.eval_every}")
+    a("--sample-every", type=int, help=f"print a sample every N steps (0 = only the final one), "
+                                       f"default {d.sample_every}")
+    a("--sample-length", type=int, help=f"tokens per printed sample, default {d.sample_length}")
+    a("--sample-temperature", type=float, help=f"default {d.sample_temperature}")
+    a("--seed", type=int, help=f"initialisation seed, default {d.seed}")
+    a("--resume", metavar="DIR", help="continue the run saved in DIR (its hyperparameters are kept)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    a = p.add_argument
+    a("ckpt", metavar="CKPT", help="a checkpoint directory (a run's --out)")
+    a("--length", type=int, default=C.SAMPLE_LENGTH, help=f"tokens to generate, default {C.SAMPLE_LENGTH}")
+    a("--temperature", type=float, default=C.SAMPLE_TEMPERATURE, help=f"default {C.SAMPLE_TEMPERATURE}")
+    a("--top-k", type=int, default=C.SAMPLE_TOP_K, help="keep the k most likely tokens (0 = off)")
+    a("--top-p", type=float, default=C.SAMPLE_TOP_P, help="nucleus sampling threshold (1 = off)")
+    a("--greedy", action="store_true", help="always take the most likely token")
+    a("--prime", default="", help="text to start from")
+    a("--seed", type=int, default=None, help="random seed (the same seed gives the same text)")
+    return p
+
+
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="score a text with a checkpoint")
+    p.add_argument("ckpt", metavar="CKPT", help="a checkpoint directory")
+    p.add_argument("--data", required=True, help="a UTF-8 text file or a built-in corpus name")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def build_parser():
+    p = _Parser(prog="lstmkit", description="LSTM language models in NumPy: train, sample, eval.")
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,gradient-flow,visualize}")
+    _add_train(sub)
+    _add_sample(sub)
+    _add_eval(sub)
+    sub.add_parser("gradient-flow", help="the gradient-flow lesson (see lstmkit gradient-flow -h)", add_help=False)
+    sub.add_parser("visualize", help="look inside a trained LSTM (see lstmkit visualize -h)", add_help=False)
+    return p
+
+
+def _default_out(data: str) -> str:
+    base = os.path.splitext(os.path.basename(data))[0] or "run"
+    stem = os.path.join("runs", f"{base}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out, i = stem, 1
+    while os.path.exists(out):
+        i += 1
+        out = f"{stem}-{i}"
+    return out
+
+
+def cmd_train(args, out, err) -> int:
+    from .train import Trainer, TrainingStopped
+    overrides = {}
+    for f in C.TrainConfig.__dataclass_fields__:
+        v = getattr(args, f, None)
+        if v is not None:
+            overrides[f] = v
+    if args.resume is not None:
+        cfg = C.TrainConfig()
+        out_dir = args.out or args.resume
+    else:
+        cfg = C.TrainConfig(**overrides)
+        if cfg.embed_size == 0 and args.embed_size is not None:
+            raise C.ConfigError("--embed-size must be an integer >= 1, got 0")
+        out_dir = args.out or _default_out(cfg.data)
+    trainer = Trainer(cfg, out_dir, resume=args.resume, overrides=overrides,
+                      progress=not args.no_progress, out=out, err=err)
+    try:
+        result = trainer.run()
+    except TrainingStopped as e:
+        err.write(f"lstmkit: error: {e}\n")
+        return 1
+    if result["status"] == "interrupted":
+        return 128 + int(result["signal"])
+    return 0
+
+
+def cmd_sample(args, out, err) -> int:
+    from .checkpoint import load_checkpoint
+    from .sample import Sampler
+    C.validate_sampling(args.length, args.temperature, args.top_k, args.top_p)
+    model, tok, _ = load_checkpoint(args.ckpt)
+    from .data import normalize_text
+    Sampler(model, tok).generate(args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 greedy=args.greedy, prime=normalize_text(args.prime), seed=args.seed,
+                                 on_text=lambda s: (out.write(s), out.flush()))
+    out.write("\n")
+    return 0
+
+
+def cmd_eval(args, out, err) -> int:
+    from .checkpoint import load_checkpoint
+    from .data import read_text
+    from .train import score_text
+    model, tok, _ = load_checkpoint(args.ckpt)
+    text = read_text(args.data)
+    res = score_text(model, tok, text)
+    if args.json:
+        out.write(json.dumps(res) + "\n")
+    elif "perplexity" in res:
+        out.write(f"{args.data}: perplexity {res['perplexity']:.3f} ({res['loss_nats']:.4f} nats/token, "
+                  f"{res['tokens']} tokens)\n")
+    else:
+        out.write(f"{args.data}: {res['bits_per_char']:.4f} bits/char ({res['loss_nats']:.4f} nats/token, "
+                  f"{res['tokens']} tokens)\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, err = sys.stdout, sys.stderr
+    if argv and argv[0] == "gradient-flow":
+        from .gradient_flow import main as gf_main
+        return gf_main(argv[1:])
+    if argv and argv[0] == "visualize":
+        from .visualize import main as vis_main
+        return vis_main(argv[1:])
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:    # -h / --help
+            return int(e.code or 0)
+        if args.command is None:
+            parser.print_help(out)
+            return 0
+        handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.command]
+        return handler(args, out, err)
+    except (_UsageError, C.LMError) as e:
+        err.write(f"lstmkit: error: {e}\n")
+        return EXIT_USAGE
+    except OSError as e:   # e.g. no permission to write --out
+        name = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        err.write(f"lstmkit: error: {e.strerror or e}{name}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.write("lstmkit: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

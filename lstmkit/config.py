@@ -1,0 +1,143 @@
+"""Every default of the language-model tool in one visible place, and the checks on its values.
+
+`lstmkit train` with no arguments is the main job: a character-level LSTM on the built-in 무정 for
+MAIN_JOB_MINUTES minutes on a 2-core machine.  The model defaults below were chosen by measuring
+(benchmarks/lm_defaults.py): 무정 has ~1,700 distinct characters, so the output softmax (N x H x V
+multiply-adds forward, twice that backward) costs about as much as the LSTM itself.  A 1x256 LSTM
+trains at ~18k tokens/s on an idle 2-core machine (1x512: ~7k; 2x256 about half of 1x256), so in 8
+minutes it sees many passes over the 325k-character novel, and it stays usable when the machine is
+busy; its samples have the novel's names (형식, 영채, 선형), quoted dialogue and sentence endings.
+
+Shape letters used across the language-model files:
+    V vocabulary size, E embedding size, H hidden size, L num_layers,
+    T sequence length (truncated-BPTT chunk), B batch size (parallel streams), N = T * B.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+FORMAT_VERSION = 1          # checkpoint layout version; bumped on any incompatible change
+MAIN_JOB_MINUTES = 8.0      # time budget of `lstmkit train` when no --steps/--epochs/--minutes is given
+
+TOKENIZERS = ("char", "jamo", "word")
+OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam")
+CLIP_MODES = ("norm", "value")
+BUILTIN_CORPORA = {"mujeong": "mujeong.txt.gz", "shakespeare": "tinyshakespeare.txt.gz"}
+
+# Learning rate used when --lr is not given, per optimizer.  Adagrad's 0.1 is the original 무정
+# experiment's; the others are the usual values for character-level LSTMs.
+DEFAULT_LR = {"sgd": 1.0, "adagrad": 0.1, "rmsprop": 2e-3, "adam": 3e-3}
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (stored as JSON in every checkpoint)."""
+
+    data: str = "mujeong"           # a file path, or "mujeong" / "shakespeare" (built in)
+    tokenizer: str = "char"
+    embed_size: int = 0             # 0 = same as hidden_size
+    hidden_size: int = 256
+    num_layers: int = 1
+    dropout: float = 0.0            # between LSTM layers (torch.nn.LSTM's meaning)
+    seq_len: int = 64               # T: steps of backpropagation through time per chunk
+    batch_size: int = 32            # B: parallel contiguous streams
+    optimizer: str = "adam"
+    lr: float = 0.0                 # 0 = DEFAULT_LR[optimizer]
+    momentum: float = 0.9           # SGD only
+    lr_decay: float = 1.0           # multiply lr by this every lr_decay_every steps (1.0 = constant)
+    lr_decay_every: int = 1000
+    grad_clip: float = 5.0          # 0 = no clipping
+    clip_mode: str = "norm"         # "norm": rescale so the global L2 norm <= grad_clip; "value": elementwise
+    steps: int = 0                  # stop after this many optimizer steps in total (0 = no limit)
+    epochs: float = 0.0             # ... or after this many passes over the training text
+    minutes: float = 0.0            # ... or after this many minutes of training
+    val_frac: float = 0.05          # held-out tail of the text used for validation
+    eval_every: int = 100           # validate (and checkpoint) every N steps
+    sample_every: int = 500         # print a sample every N steps (0 = only at the end)
+    sample_length: int = 300
+    sample_temperature: float = 0.8
+    seed: int = 1234
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr > 0 else DEFAULT_LR[self.optimizer]
+
+    @property
+    def effective_embed_size(self) -> int:
+        return self.embed_size if self.embed_size > 0 else self.hidden_size
+
+
+# `lstmkit sample` defaults
+SAMPLE_LENGTH = 500
+SAMPLE_TEMPERATURE = 1.0
+SAMPLE_TOP_K = 0            # 0 = off
+SAMPLE_TOP_P = 1.0          # 1.0 = off
+
+EVAL_BATCH_SIZE = 32        # parallel streams when scoring a text
+EXPLODE_FACTOR = 3.0        # stop when the training loss exceeds this times the first step's loss
+
+
+class LMError(Exception):
+    """A problem with the user's input (data, arguments, checkpoint): reported as one line, no traceback."""
+
+
+class ConfigError(LMError, ValueError):
+    """A hyperparameter out of range."""
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ConfigError naming the first out-of-range hyperparameter (as its command-line flag)."""
+    checks = [
+        (cfg.tokenizer in TOKENIZERS, "--tokenizer", f"one of {', '.join(TOKENIZERS)}", cfg.tokenizer),
+        (cfg.optimizer in OPTIMIZERS, "--optimizer", f"one of {', '.join(OPTIMIZERS)}", cfg.optimizer),
+        (cfg.clip_mode in CLIP_MODES, "--clip-mode", f"one of {', '.join(CLIP_MODES)}", cfg.clip_mode),
+        (cfg.hidden_size >= 1, "--hidden-size", "an integer >= 1", cfg.hidden_size),
+        (cfg.embed_size >= 0, "--embed-size", "an integer >= 0", cfg.embed_size),
+        (cfg.num_layers >= 1, "--num-layers", "an integer >= 1", cfg.num_layers),
+        (_finite(cfg.dropout) and 0.0 <= cfg.dropout < 1.0, "--dropout", "a number in [0, 1)", cfg.dropout),
+        (cfg.seq_len >= 1, "--seq-len", "an integer >= 1", cfg.seq_len),
+        (cfg.batch_size >= 1, "--batch-size", "an integer >= 1", cfg.batch_size),
+        (_finite(cfg.lr) and cfg.lr >= 0.0, "--lr", "a number > 0", cfg.lr),
+        (_finite(cfg.momentum) and 0.0 <= cfg.momentum < 1.0, "--momentum", "a number in [0, 1)", cfg.momentum),
+        (_finite(cfg.lr_decay) and 0.0 < cfg.lr_decay <= 1.0, "--lr-decay", "a number in (0, 1]", cfg.lr_decay),
+        (cfg.lr_decay_every >= 1, "--lr-decay-every", "an integer >= 1", cfg.lr_decay_every),
+        (_finite(cfg.grad_clip) and cfg.grad_clip >= 0.0, "--grad-clip", "a number >= 0", cfg.grad_clip),
+        (cfg.steps >= 0, "--steps", "an integer >= 1", cfg.steps),
+        (_finite(cfg.epochs) and cfg.epochs >= 0.0, "--epochs", "a number > 0", cfg.epochs),
+        (_finite(cfg.minutes) and cfg.minutes >= 0.0, "--minutes", "a number > 0", cfg.minutes),
+        (_finite(cfg.val_frac) and 0.0 <= cfg.val_frac < 0.5, "--val-frac", "a number in [0, 0.5)", cfg.val_frac),
+        (cfg.eval_every >= 1, "--eval-every", "an integer >= 1", cfg.eval_every),
+        (cfg.sample_every >= 0, "--sample-every", "an integer >= 0", cfg.sample_every),
+        (cfg.sample_length >= 0, "--sample-length", "an integer >= 0", cfg.sample_length),
+        (_finite(cfg.sample_temperature) and cfg.sample_temperature > 0, "--sample-temperature",
+         "a number > 0", cfg.sample_temperature),
+        (0 <= cfg.seed < 2**63, "--seed", "an integer in [0, 2**63)", cfg.seed),
+    ]
+    for ok, flag, expected, given in checks:
+        if not ok:
+            raise ConfigError(f"{flag} must be {expected}, got {given!r}")
+
+
+def validate_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:
+    if length < 0:
+        raise ConfigError(f"--length must be an integer >= 0, got {length}")
+    if not (_finite(temperature) and temperature > 0):
+        raise ConfigError(f"--temperature must be a number > 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"--top-k must be an integer >= 0 (0 = off), got {top_k}")
+    if not (_finite(top_p) and 0.0 < top_p <= 1.0):
+        raise ConfigError(f"--top-p must be a number in (0, 1], got {top_p}")

@@ -1,0 +1,136 @@
+"""Text -> normalised string -> ids -> (T, B) batches for truncated backpropagation through time.
+
+Reading: the bytes are decoded as UTF-8 strictly (a bad byte is an error naming its offset), CRLF
+(and a lone CR) become LF, and the text is NFC-normalised, so that the same visible text always
+gives the same ids.
+
+Batches, as char-rnn makes them: the N ids are cut into B contiguous streams of S = N // B ids
+    streams[b, s] = ids[b * S + s]                              (B, S)
+and the streams are walked in chunks of T, each chunk's targets one step ahead of its inputs,
+    x_k = streams[:, kT : kT+T].T,  y_k = streams[:, kT+1 : kT+T+1].T          (T, B)
+so that stream b of chunk k+1 continues stream b of chunk k and the LSTM's h and c are carried
+from chunk to chunk.  An epoch has K = (S - 1) // T chunks; after the last, the walk restarts at
+k = 0 with fresh (zero) states.
+
+Shape letters: N number of ids, B batch size (streams), S stream length, T chunk length, K chunks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import unicodedata
+from importlib import resources
+
+import numpy as np
+
+from .config import BUILTIN_CORPORA, LMError
+
+
+class DataError(LMError, ValueError):
+    """A problem with the user's text (missing, empty, undecodable, too short)."""
+
+
+def normalize_text(text: str) -> str:
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+def decode_utf8(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name} is not valid UTF-8: byte 0x{raw[e.start]:02x} at offset {e.start} "
+                        f"cannot be decoded ({e.reason})") from None
+
+
+def read_text(spec: str) -> str:
+    """The normalised text of a file path or of a built-in corpus name ("mujeong", "shakespeare")."""
+    if spec in BUILTIN_CORPORA:
+        raw = gzip.decompress(resources.files("lstmkit").joinpath("corpora", BUILTIN_CORPORA[spec]).read_bytes())
+    else:
+        if not os.path.exists(spec):
+            raise DataError(f"data file {spec!r} does not exist (give a path, or one of: "
+                            f"{', '.join(BUILTIN_CORPORA)})")
+        if os.path.isdir(spec):
+            raise DataError(f"data file {spec!r} is a directory, not a text file")
+        try:
+            with open(spec, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise DataError(f"cannot read data file {spec!r}: {e.strerror}") from None
+    text = normalize_text(decode_utf8(raw, repr(spec)))
+    if not text:
+        raise DataError(f"data file {spec!r} is empty")
+    return text
+
+
+def text_digest(text: str) -> str:
+    """sha256 of the normalised text: identifies the data a run was trained on."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_train_val(ids: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out the last round(val_frac * N) ids for validation."""
+    n_val = int(round(len(ids) * val_frac))
+    return ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+
+
+def make_streams(ids: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N,) -> (B, S): B contiguous streams; the N - B*S trailing ids are dropped."""
+    S = len(ids) // batch_size
+    return np.ascontiguousarray(ids[: batch_size * S].reshape(batch_size, S))
+
+
+class BatchStream:
+    """Chunks (x, y) of shape (T, B) walked in order; `position` (epoch, chunk) is saved for resuming."""
+
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, what: str = "training text"):
+        need = batch_size * (seq_len + 1)
+        if len(ids) < need:
+            raise DataError(f"the {what} has {len(ids)} tokens, fewer than one batch: --batch-size "
+                            f"{batch_size} x (--seq-len {seq_len} + 1) = {need} are needed")
+        self.B, self.T = batch_size, seq_len
+        self.streams = make_streams(ids, batch_size)              # (B, S)
+        self.chunks_per_epoch = (self.streams.shape[1] - 1) // seq_len   # K
+        self.epoch = 0
+        self.chunk = 0
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return self.chunks_per_epoch * self.B * self.T
+
+    def next(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The next chunk (x, y), both (T, B) int64, and whether it starts an epoch (reset h, c)."""
+        if self.chunk >= self.chunks_per_epoch:
+            self.epoch += 1
+            self.chunk = 0
+        start = self.chunk == 0
+        t0 = self.chunk * self.T
+        x = self.streams[:, t0: t0 + self.T].T                     # (T, B)
+        y = self.streams[:, t0 + 1: t0 + self.T + 1].T             # (T, B)
+        self.chunk += 1
+        return np.ascontiguousarray(x), np.ascontiguousarray(y), start
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.chunk / self.chunks_per_epoch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "chunk": self.chunk}
+
+    def load_state(self, d: dict) -> None:
+        self.epoch, self.chunk = int(d["epoch"]), int(d["chunk"])
+
+
+def eval_chunks(ids: np.ndarray, batch_size: int, seq_len: int):
+    """All (x, y) chunks covering a text once, as B streams; the last chunk may be shorter than T.
+
+    Yields (x, y) of shape (t, B), t <= T, in order (carry h, c between them).  Every id but the first
+    of each stream and the N - B*S dropped at the end is predicted exactly once."""
+    batch_size = max(1, min(batch_size, len(ids) // 2))
+    streams = make_streams(ids, batch_size)
+    S = streams.shape[1]
+    for t0 in range(0, S - 1, seq_len):
+        t1 = min(t0 + seq_len, S - 1)
+        yield (np.ascontiguousarray(streams[:, t0:t1].T), np.ascontiguousarray(streams[:, t0 + 1: t1 + 1].T))

@@ -1,0 +1,257 @@
+"""Tokenizers: text <-> list of tokens <-> ids.  The vocabulary is sorted and stored with the model.
+
+- `char`: one token per Unicode code point (after NFC, see data.py).
+- `jamo`: every precomposed Hangul syllable S (U+AC00..U+D7A3) split into its conjoining jamo,
+      s = S - 0xAC00;  L = 0x1100 + s // 588;  V = 0x1161 + (s % 588) // 28;  T = 0x11A7 + s % 28
+      (T omitted when s % 28 == 0), and recomposed by the inverse S = 0xAC00 + (L'*21 + V')*28 + T'
+      before text is shown.  무정's ~1,700 symbols become ~700 (the Hanja and punctuation stay whole).
+- `word`: whitespace-separated words plus "\n" as a token of its own; decoding joins words with one
+      space.  Words not in the vocabulary map to "<unk>" (the only tokenizer that does so).
+
+Shape letters: V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .config import LMError
+
+S_BASE, L_BASE, V_BASE, T_BASE = 0xAC00, 0x1100, 0x1161, 0x11A7
+L_COUNT, V_COUNT, T_COUNT = 19, 21, 28
+N_COUNT = V_COUNT * T_COUNT          # 588 syllables per leading consonant
+S_COUNT = L_COUNT * N_COUNT          # 11,172 syllables
+UNK = "<unk>"
+
+
+class VocabularyError(LMError, ValueError):
+    """A text with symbols the model's vocabulary does not have."""
+
+
+def _is_syllable(ch: str) -> bool:
+    return S_BASE <= ord(ch) < S_BASE + S_COUNT
+
+
+def _is_l(ch: str) -> bool:
+    return L_BASE <= ord(ch) < L_BASE + L_COUNT
+
+
+def _is_v(ch: str) -> bool:
+    return V_BASE <= ord(ch) < V_BASE + V_COUNT
+
+
+def _is_t(ch: str) -> bool:
+    return T_BASE < ord(ch) < T_BASE + T_COUNT
+
+
+def decompose_hangul(text: str) -> str:
+    """Split each precomposed Hangul syllable into 2 or 3 conjoining jamo; other characters unchanged."""
+    out = []
+    for ch in text:
+        if _is_syllable(ch):
+            s = ord(ch) - S_BASE
+            out.append(chr(L_BASE + s // N_COUNT))
+            out.append(chr(V_BASE + (s % N_COUNT) // T_COUNT))
+            if s % T_COUNT:
+                out.append(chr(T_BASE + s % T_COUNT))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def compose_hangul(text: str) -> str:
+    """Inverse of decompose_hangul: L V [T] -> syllable; jamo that form no syllable are left as they are."""
+    out = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if _is_l(ch) and i + 1 < n and _is_v(text[i + 1]):
+            s = ((ord(ch) - L_BASE) * V_COUNT + (ord(text[i + 1]) - V_BASE)) * T_COUNT
+            i += 2
+            if i < n and _is_t(text[i]):
+                s += ord(text[i]) - T_BASE
+                i += 1
+            out.append(chr(S_BASE + s))
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+class Tokenizer:
+    """Base class: `vocab` is a sorted list of token strings; id = position in it."""
+
+    kind = ""
+
+    def __init__(self, vocab):
+        vocab = list(vocab)
+        if vocab != sorted(set(vocab)):
+            raise ValueError("vocabulary must be sorted and without duplicates")
+        if not vocab:
+            raise ValueError("vocabulary is empty")
+        self.vocab = vocab
+        self.index = {tok: i for i, tok in enumerate(vocab)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    # text -> tokens (strings); implemented by subclasses
+    def tokenize(self, text: str) -> list[str]:
+        raise NotImplementedError
+
+    # tokens -> text; implemented by subclasses
+    def detokenize(self, tokens) -> str:
+        raise NotImplementedError
+
+    @classmethod
+    def from_text(cls, text: str) -> "Tokenizer":
+        return build_tokenizer(cls.kind, text)
+
+    @classmethod
+    def _tokens_for_vocab(cls, text: str):
+        raise NotImplementedError
+
+    def unknown(self, text: str) -> list[str]:
+        """The distinct tokens of `text` that are not in the vocabulary, in order of appearance."""
+        seen = {}
+        for tok in self.tokenize(text):
+            if tok not in self.index and tok not in seen:
+                seen[tok] = None
+        return list(seen)
+
+    def encode(self, text: str) -> np.ndarray:
+        """text -> int64 ids; KeyError-free: raises ValueError listing the symbols not in the vocabulary."""
+        toks = self.tokenize(text)
+        try:
+            return np.fromiter((self.index[t] for t in toks), dtype=np.int64, count=len(toks))
+        except KeyError:
+            missing = self.unknown(text)
+            shown = " ".join(repr(m) for m in missing[:20]) + (" ..." if len(missing) > 20 else "")
+            raise VocabularyError(f"the text has {len(missing)} symbol(s) not in the model's vocabulary: {shown}") from None
+
+    def decode(self, ids) -> str:
+        return self.detokenize([self.vocab[int(i)] for i in ids])
+
+    def chars_per_token(self, text: str, ids: np.ndarray) -> float:
+        """Original characters per token of an encoded text (for bits per character)."""
+        return len(text) / max(len(ids), 1)
+
+    def stream(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "vocab": self.vocab}
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+
+    def __init__(self, vocab=("\n",)):
+        super().__init__(vocab)
+
+    def tokenize(self, text):
+        return list(text)
+
+    def detokenize(self, tokens):
+        return "".join(tokens)
+
+    @classmethod
+    def _tokens_for_vocab(cls, text):
+        return set(text)
+
+
+class JamoTokenizer(Tokenizer):
+    kind = "jamo"
+
+    def __init__(self, vocab=("\n",)):
+        super().__init__(vocab)
+
+    def tokenize(self, text):
+        return list(decompose_hangul(text))
+
+    def detokenize(self, tokens):
+        return compose_hangul("".join(tokens))
+
+    @classmethod
+    def _tokens_for_vocab(cls, text):
+        return set(decompose_hangul(text))
+
+
+_WORD_RE = re.compile(r"\n|[^\s]+")
+
+
+class WordTokenizer(Tokenizer):
+    kind = "word"
+
+    def __init__(self, vocab=("\n", UNK)):
+        super().__init__(vocab)
+        self.unk_id = self.index.get(UNK)
+
+    def tokenize(self, text):
+        return _WORD_RE.findall(text)
+
+    def detokenize(self, tokens):
+        out = []
+        for tok in tokens:
+            if tok != "\n" and out and out[-1] != "\n":
+                out.append(" ")
+            out.append(tok)
+        return "".join(out)
+
+    @classmethod
+    def _tokens_for_vocab(cls, text):
+        return set(_WORD_RE.findall(text)) | {UNK}
+
+    def encode(self, text):
+        toks = self.tokenize(text)
+        unk = self.unk_id
+        return np.fromiter((self.index.get(t, unk) for t in toks), dtype=np.int64, count=len(toks))
+
+
+TOKENIZER_CLASSES = {cls.kind: cls for cls in (CharTokenizer, JamoTokenizer, WordTokenizer)}
+
+
+def build_tokenizer(kind: str, text: str) -> Tokenizer:
+    """The tokenizer `kind` with the sorted vocabulary of `text`."""
+    if kind not in TOKENIZER_CLASSES:
+        raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZER_CLASSES)}, got {kind!r}")
+    cls = TOKENIZER_CLASSES[kind]
+    return cls(sorted(cls._tokens_for_vocab(text)))
+
+
+def tokenizer_from_dict(d: dict) -> Tokenizer:
+    kind = d.get("kind")
+    if kind not in TOKENIZER_CLASSES:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    return TOKENIZER_CLASSES[kind](d["vocab"])
+
+
+class StreamDecoder:
+    """Turns generated ids into text piece by piece, holding back what the next token may still change
+    (a jamo tokenizer's unfinished syllable; the space before a word)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.pending: list[str] = []
+        self.prev_word: str | None = None
+
+    def feed(self, token_id: int) -> str:
+        t = self.tok.vocab[int(token_id)]
+        if isinstance(self.tok, JamoTokenizer):
+            # composition is greedy from the left, so only the last composed character can still grow
+            composed = compose_hangul("".join(self.pending) + t)
+            self.pending = list(decompose_hangul(composed[-1]))
+            return composed[:-1]
+        if isinstance(self.tok, WordTokenizer):
+            sep = " " if (t != "\n" and self.prev_word is not None and self.prev_word != "\n") else ""
+            self.prev_word = t
+            return sep + t
+        return t
+
+    def flush(self) -> str:
+        out = compose_hangul("".join(self.pending))
+        self.pending = []
+        return out

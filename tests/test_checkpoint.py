@@ -1,0 +1,144 @@
+"""Checkpoints: round trip, PyTorch loads the LSTM tensors directly, atomic writes, and clear errors for
+missing, incomplete, corrupt and incompatible checkpoints."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from lstmkit import checkpoint as ckpt
+from lstmkit.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from lstmkit.model import LanguageModel
+from lstmkit.optim import Adam
+from lstmkit.tokenizers import build_tokenizer
+
+TEXT = "the quick brown fox\njumps over the lazy dog\n"
+
+
+def make(tmp_path, step=3, name="run"):
+    tok = build_tokenizer("char", TEXT)
+    m = LanguageModel(tok.vocab_size, hidden_size=8, num_layers=2, embed_size=5, seed=0)
+    opt = Adam(m.params, 0.01)
+    ids = tok.encode(TEXT)
+    m.loss(ids[:-1, None], ids[1:, None])
+    m.backward()
+    opt.step(m.grads)
+    run = str(tmp_path / name)
+    save_checkpoint(run, model=m, tokenizer=tok, config={"note": "x"}, run_id="abc", step=step,
+                    state={"step": step}, optimizer=opt, carry=m.initial_state(1))
+    return run, m, tok, opt
+
+
+def test_round_trip(tmp_path):
+    run, m, tok, opt = make(tmp_path)
+    m2, tok2, cfg = load_checkpoint(run)
+    assert tok2.vocab == tok.vocab and cfg["note"] == "x" and cfg["run_id"] == "abc"
+    for k in m.params:
+        np.testing.assert_array_equal(m2.params[k], m.params[k], err_msg=k)
+    assert not m2.lstm.training
+    ck = read_checkpoint(run, training=True)
+    assert ck["state"]["step"] == 3 and ck["state"]["optimizer"]["t"] == 1
+    np.testing.assert_array_equal(ck["optimizer_arrays"]["exp_avg.decoder.weight"],
+                                  opt.state["exp_avg"]["decoder.weight"])
+    ids = tok2.encode("the fox")
+    logits, _, cache = m2.forward(ids[:, None])
+    assert logits.shape == (7, 1, tok.vocab_size) and cache["lstm"][0][0]["gates"].shape == (7, 1, 32)
+
+
+def test_torch_loads_the_lstm_tensors_directly(tmp_path):
+    run, m, tok, _ = make(tmp_path)
+    d = ckpt.resolve(run)
+    sd = load_file(os.path.join(d, "lstm.safetensors"))
+    assert sorted(sd) == sorted(torch.nn.LSTM(5, 8, 2).state_dict())
+    t = torch.nn.LSTM(5, 8, 2)
+    t.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+    x = np.random.default_rng(0).standard_normal((4, 2, 5)).astype(np.float32)
+    ours, _ = m.lstm(x)
+    theirs, _ = t(torch.from_numpy(x))
+    np.testing.assert_allclose(ours, theirs.detach().numpy(), atol=1e-5)
+    rest = load_file(os.path.join(d, "model.safetensors"))
+    emb = torch.nn.Embedding(tok.vocab_size, 5)
+    emb.load_state_dict({"weight": torch.from_numpy(rest["embedding.weight"])})
+
+
+def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run, m, tok, opt = make(tmp_path, step=3)
+    before = {k: v.copy() for k, v in m.params.items()}
+    for p in m.params.values():
+        p += 1.0
+    calls = {"n": 0}
+    real = ckpt._write_json
+
+    def crash(path, obj):
+        calls["n"] += 1
+        if calls["n"] == 2:          # config.json written, then the process "dies" writing vocab.json
+            raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(ckpt, "_write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=9, state={"step": 9},
+                        optimizer=opt, carry=m.initial_state(1))
+    monkeypatch.undo()
+    m2, _, _ = load_checkpoint(run)
+    for k in before:
+        np.testing.assert_array_equal(m2.params[k], before[k], err_msg=k)
+    assert json.loads(Path(os.path.join(run, "checkpoint.json")).read_text())["step"] == 3
+    assert [e for e in os.listdir(run) if e.startswith("step-")] == [os.path.basename(ckpt.resolve(run))]
+
+
+def test_a_new_save_replaces_the_old_state(tmp_path):
+    run, m, tok, opt = make(tmp_path, step=3)
+    save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=4)
+    states = [e for e in os.listdir(run) if e.startswith("step-")]
+    assert len(states) == 1 and states[0].startswith("step-00000004")
+
+
+def test_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nothing"))
+    with pytest.raises(CheckpointError, match="not an lstmkit checkpoint"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_incomplete(tmp_path):
+    run, *_ = make(tmp_path)
+    os.remove(os.path.join(ckpt.resolve(run), "lstm.safetensors"))
+    with pytest.raises(CheckpointError, match="incomplete: lstm.safetensors is missing"):
+        load_checkpoint(run)
+
+
+def test_corrupt_tensors(tmp_path):
+    run, *_ = make(tmp_path)
+    p = os.path.join(ckpt.resolve(run), "model.safetensors")
+    data = Path(p).read_bytes()
+    Path(p).write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(run)
+
+
+def test_corrupt_json_and_wrong_shapes(tmp_path):
+    run, *_ = make(tmp_path)
+    d = ckpt.resolve(run)
+    cfg = json.loads(Path(os.path.join(d, "config.json")).read_text())
+    cfg["model"]["hidden_size"] = 9
+    Path(os.path.join(d, "config.json")).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="corrupt.*shape"):
+        load_checkpoint(run)
+    Path(os.path.join(d, "config.json")).write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt: cannot read config.json"):
+        load_checkpoint(run)
+
+
+def test_incompatible_version(tmp_path):
+    run, *_ = make(tmp_path)
+    p = os.path.join(run, "checkpoint.json")
+    ptr = json.loads(Path(p).read_text())
+    ptr["format_version"] = 99
+    Path(p).write_text(json.dumps(ptr))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(run)

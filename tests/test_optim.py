@@ -1,0 +1,88 @@
+"""Optimizers step for step against torch.optim, clipping against torch.nn.utils, the lr decay, and
+optimizer state surviving a save/load."""
+
+import numpy as np
+import pytest
+import torch
+
+from lstmkit.optim import (SGD, Adagrad, Adam, RMSprop, clip_grad_norm, clip_grad_value, decayed_lr, global_norm,
+                           make_optimizer)
+
+CASES = [
+    (lambda p: SGD(p, 0.1), lambda t: torch.optim.SGD(t, lr=0.1)),
+    (lambda p: SGD(p, 0.1, momentum=0.9), lambda t: torch.optim.SGD(t, lr=0.1, momentum=0.9)),
+    (lambda p: Adagrad(p, 0.1), lambda t: torch.optim.Adagrad(t, lr=0.1)),
+    (lambda p: RMSprop(p, 0.01), lambda t: torch.optim.RMSprop(t, lr=0.01)),
+    (lambda p: Adam(p, 0.01), lambda t: torch.optim.Adam(t, lr=0.01)),
+]
+
+
+@pytest.mark.parametrize("ours,theirs", CASES, ids=["sgd", "sgd-momentum", "adagrad", "rmsprop", "adam"])
+def test_matches_torch_optim(ours, theirs):
+    rng = np.random.default_rng(0)
+    params = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    tparams = [torch.tensor(params[k].copy(), requires_grad=True) for k in ("a", "b")]
+    opt, topt = ours(params), theirs(tparams)
+    for _ in range(6):
+        grads = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+        for tp, k in zip(tparams, ("a", "b")):
+            tp.grad = torch.from_numpy(grads[k].copy())
+        opt.step(grads)
+        topt.step()
+    for tp, k in zip(tparams, ("a", "b")):
+        np.testing.assert_allclose(params[k], tp.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_state_round_trip_continues_identically():
+    rng = np.random.default_rng(1)
+    p1 = {"w": rng.standard_normal(4)}
+    p2 = {"w": p1["w"].copy()}
+    a = Adam(p1, 0.05)
+    grads = [{"w": rng.standard_normal(4)} for _ in range(6)]
+    for g in grads[:3]:
+        a.step(g)
+    b = Adam(p2, 0.05)
+    p2["w"][...] = p1["w"]
+    b.load_state({k: v.copy() for k, v in a.state_arrays().items()}, a.state_meta())
+    for g in grads[3:]:
+        a.step(g)
+        b.step(g)
+    np.testing.assert_array_equal(p1["w"], p2["w"])
+    with pytest.raises(ValueError, match="adam"):
+        SGD(p2, 0.1).load_state({}, a.state_meta())
+
+
+def test_clip_grad_norm_matches_torch():
+    rng = np.random.default_rng(2)
+    grads = {"a": rng.standard_normal((3, 3)) * 4, "b": rng.standard_normal(7) * 4}
+    ts = [torch.tensor(grads[k].copy(), requires_grad=True) for k in ("a", "b")]
+    for t, k in zip(ts, ("a", "b")):
+        t.grad = torch.from_numpy(grads[k].copy())
+    norm = clip_grad_norm(grads, 1.5)
+    tnorm = torch.nn.utils.clip_grad_norm_(ts, 1.5)
+    assert norm == pytest.approx(tnorm.item(), rel=1e-12)
+    for t, k in zip(ts, ("a", "b")):
+        np.testing.assert_allclose(grads[k], t.grad.numpy(), rtol=1e-10)
+    assert global_norm(grads) == pytest.approx(1.5, rel=1e-6)
+    small = {"a": np.full(3, 0.1)}
+    clip_grad_norm(small, 1.5)
+    np.testing.assert_array_equal(small["a"], np.full(3, 0.1))      # below the limit: untouched
+
+
+def test_clip_grad_value():
+    g = {"a": np.array([-9.0, -1.0, 0.5, 7.0])}
+    clip_grad_value(g, 5.0)
+    np.testing.assert_array_equal(g["a"], [-5.0, -1.0, 0.5, 5.0])
+
+
+def test_decayed_lr():
+    assert decayed_lr(0.1, 0, 0.5, 10) == 0.1
+    assert decayed_lr(0.1, 9, 0.5, 10) == 0.1
+    assert decayed_lr(0.1, 25, 0.5, 10) == pytest.approx(0.025)
+
+
+def test_bad_lr_and_name():
+    with pytest.raises(ValueError, match="learning rate"):
+        Adam({"w": np.zeros(1)}, 0.0)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        make_optimizer("lbfgs", {"w": np.zeros(1)}, 0.1)

@@ -1,0 +1,77 @@
+"""Tokenizers: the jamo round trip on any Korean text, sorted vocabularies, unknown symbols named,
+streamed decoding equal to whole decoding."""
+
+import unicodedata
+
+import numpy as np
+import pytest
+
+from lstmkit.tokenizers import (JamoTokenizer, StreamDecoder, VocabularyError, build_tokenizer, compose_hangul,
+                                decompose_hangul, tokenizer_from_dict)
+
+
+def test_every_hangul_syllable_round_trips_and_matches_unicode_nfd():
+    syllables = "".join(chr(s) for s in range(0xAC00, 0xD7A4))
+    jamo = decompose_hangul(syllables)
+    assert jamo == unicodedata.normalize("NFD", syllables)
+    assert compose_hangul(jamo) == syllables
+
+
+def test_jamo_round_trips_random_korean_text():
+    rng = np.random.default_rng(0)
+    pool = [chr(c) for c in rng.integers(0xAC00, 0xD7A4, 300)] + list(" \n.,?!\"'") + \
+        list("無情善馨ㄱㅏㅎ") + list("abcXYZ0123")
+    text = unicodedata.normalize("NFC", "".join(rng.choice(pool, 3000)))
+    tok = build_tokenizer("jamo", text)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert len(ids) > len(text)                              # syllables became 2-3 symbols
+    assert tok.vocab_size < len(set(text))                   # ... from a much smaller alphabet
+
+
+def test_jamo_vocabulary_of_korean_is_small():
+    text = "경성학교 영어 교사 이형식은 오후 두시 사년급 영어 시간을 마치고 내려쪼이는 유월 볕에 땀을 흘리면서"
+    char, jamo = build_tokenizer("char", text), build_tokenizer("jamo", text)
+    assert jamo.vocab_size < char.vocab_size
+    assert all(len(t) == 1 for t in jamo.vocab)
+
+
+@pytest.mark.parametrize("kind", ["char", "jamo", "word"])
+def test_vocab_sorted_and_serialisable(kind):
+    text = "b a c\na 가 나다\n"
+    tok = build_tokenizer(kind, text)
+    assert tok.vocab == sorted(tok.vocab) and len(set(tok.vocab)) == len(tok.vocab)
+    again = tokenizer_from_dict(tok.to_dict())
+    assert again.vocab == tok.vocab and again.kind == kind
+    assert again.decode(again.encode(text)).split() == text.split()
+
+
+def test_char_round_trip_and_unknown_symbols_are_named():
+    tok = build_tokenizer("char", "hello\n")
+    assert tok.decode(tok.encode("hello\nhole")) == "hello\nhole"
+    with pytest.raises(VocabularyError, match=r"2 symbol\(s\).*'x'.*'z'"):
+        tok.encode("hexzoo")
+
+
+def test_word_tokenizer_keeps_newlines_and_maps_unknown_words():
+    text = "the cat sat\non the mat\n"
+    tok = build_tokenizer("word", text)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.decode(tok.encode("the dog sat")) == "the <unk> sat"
+
+
+def test_unsorted_vocab_is_rejected():
+    with pytest.raises(ValueError, match="sorted"):
+        JamoTokenizer(["b", "a"])
+
+
+@pytest.mark.parametrize("kind", ["char", "jamo", "word"])
+def test_stream_decoder_equals_whole_decode(kind):
+    text = "무정(無情) 이형식은 갔다.\n값 ㄱ 가 읽었다 형식\n"
+    tok = build_tokenizer(kind, text)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, tok.vocab_size, 400)          # arbitrary sequences, including broken jamo
+    dec = StreamDecoder(tok)
+    streamed = "".join(dec.feed(i) for i in ids) + dec.flush()
+    assert streamed == tok.decode(ids)
