@@ -1,0 +1,205 @@
+"""The fast path (kernels.py) against the readable reference (functional.py), and PyTorch.
+
+Every option of the layer contract: float32 and float64, with and without bias, with and without
+projection, T = 1 and T > 1, B = 1 (the compiled whole-layer path used for generation) and B > 1
+(BLAS products + fused per-step kernels), final-state gradients given or None.
+float64 must agree with the reference to 1e-10 (the kernels use libm's tanh in float64); float32
+to float32 tolerance (the kernels use a rational tanh within a few ulps).
+"""
+
+import numpy as np
+import pytest
+
+from lstmkit import functional as F
+
+K = pytest.importorskip("lstmkit.kernels")
+if not K.AVAILABLE:  # pragma: no cover - numba is a run-time dependency; this only guards odd installs
+    pytest.skip("numba not importable: the fast path is off", allow_module_level=True)
+
+TOL = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=1e-4, atol=2e-5)}
+
+# (T, B, I, H, P): P != H means a projection W_hr (P, H).
+LSTM_SHAPES = [
+    (1, 1, 3, 4, 4),     # one step, batch 1: the generation path
+    (6, 1, 5, 8, 8),     # batch 1 over many steps
+    (5, 1, 4, 6, 3),     # batch 1 with projection
+    (1, 3, 4, 5, 5),     # one step, batched
+    (7, 3, 5, 9, 9),     # H not a multiple of the vector width: remainder loops
+    (4, 2, 3, 8, 5),     # projection, batched
+]
+
+
+def _lstm_inputs(rng, T, B, I, H, P, dtype, bias):
+    G = 4 * H
+    r = lambda *s: (rng.standard_normal(s) * 0.5).astype(dtype)   # noqa: E731
+    return dict(x=r(T, B, I), h0=r(B, P), c0=r(B, H), W_ih=r(G, I), W_hh=r(G, P),
+                b=r(G) if bias else None, W_hr=r(P, H) if P != H else None)
+
+
+def _close(got, want, dtype, what):
+    assert (got is None) == (want is None), what
+    if want is None:
+        return
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    assert got.dtype == dtype, (what, got.dtype)
+    np.testing.assert_allclose(got, want, err_msg=what, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", LSTM_SHAPES)
+def test_lstm_layer_matches_reference(shape, bias, dtype):
+    rng = np.random.default_rng(sum(shape) + bias)
+    T, B, I, H, P = shape
+    a = _lstm_inputs(rng, T, B, I, H, P, dtype, bias)
+    args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], a["W_hr"])
+    want = F.lstm_layer_forward(*args)
+    got = K.lstm_layer_forward(*args)
+    for name, g, w in zip(["out", "h_T", "c_T"], got[:3], want[:3]):
+        _close(g, w, dtype, name)
+    # The lessons read these two out of the cache.
+    _close(got[3]["gates"], want[3]["gates"], dtype, "cache gates")
+    _close(got[3]["c"], want[3]["c"], dtype, "cache c")
+
+    dout = (rng.standard_normal((T, B, P))).astype(dtype)
+    for dh_T, dc_T in [(None, None), (rng.standard_normal((B, P)).astype(dtype),
+                                      rng.standard_normal((B, H)).astype(dtype))]:
+        saved = [v.copy() for v in (dout, dh_T, dc_T) if v is not None]
+        w = F.lstm_layer_backward(dout, dh_T, dc_T, want[3])
+        g = K.lstm_layer_backward(dout, dh_T, dc_T, got[3])
+        names = ["dx", "dh0", "dc0", "dW_ih", "dW_hh", "db", "dW_hr"]
+        for name, gg, ww in zip(names, g, w):
+            _close(gg, ww, dtype, name)
+        # The caller's gradients are inputs, never scratch space.
+        for before, after in zip(saved, [v for v in (dout, dh_T, dc_T) if v is not None]):
+            np.testing.assert_array_equal(before, after)
+
+
+def test_lstm_backward_twice_gives_the_same_gradients():
+    # backward must not consume its cache (e.g. by writing gate gradients over the activations).
+    rng = np.random.default_rng(1)
+    a = _lstm_inputs(rng, 5, 3, 4, 6, 6, np.float32, True)
+    out, _, _, cache = K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    first = K.lstm_layer_backward(dout, None, None, cache)
+    second = K.lstm_layer_backward(dout, None, None, cache)
+    for f, s in zip(first, second):
+        np.testing.assert_array_equal(f, s)
+
+
+def test_lstm_accepts_non_contiguous_input():
+    # modules.py hands over swapaxes views (batch_first) and reversed views (bidirectional).
+    rng = np.random.default_rng(2)
+    a = _lstm_inputs(rng, 4, 3, 5, 6, 6, np.float64, True)
+    x_view = np.ascontiguousarray(a["x"].swapaxes(0, 1)).swapaxes(0, 1)[::-1]
+    assert not x_view.flags.c_contiguous
+    want = F.lstm_layer_forward(np.ascontiguousarray(x_view), a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
+    got = K.lstm_layer_forward(x_view, a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_chained_calls_equal_one_call():
+    # Generation feeds one step at a time through the B == 1 path; the states it hands on must
+    # give exactly what one call over the whole sequence gives.
+    rng = np.random.default_rng(3)
+    a = _lstm_inputs(rng, 6, 1, 4, 5, 3, np.float32, True)
+    full, h_T, c_T, _ = K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], a["W_hr"])
+    h, c = a["h0"], a["c0"]
+    for t in range(6):
+        out, h, c, _ = K.lstm_layer_forward(a["x"][t:t + 1], h, c, a["W_ih"], a["W_hh"], a["b"], a["W_hr"])
+        np.testing.assert_allclose(out[0], full[t], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(h, h_T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(c, c_T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("T,B", [(1, 1), (5, 1), (6, 3)])
+def test_rnn_layer_matches_reference(T, B, bias, nonlinearity, dtype):
+    rng = np.random.default_rng(T * 10 + B)
+    I, H = 4, 7
+    r = lambda *s: (rng.standard_normal(s) * 0.5).astype(dtype)   # noqa: E731
+    x, h0, W_ih, W_hh, b = r(T, B, I), r(B, H), r(H, I), r(H, H), (r(H) if bias else None)
+    want = F.rnn_layer_forward(x, h0, W_ih, W_hh, b, nonlinearity)
+    got = K.rnn_layer_forward(x, h0, W_ih, W_hh, b, nonlinearity)
+    _close(got[0], want[0], dtype, "out")
+    _close(got[1], want[1], dtype, "h_T")
+    dout = r(T, B, H)
+    for dh_T in (None, r(B, H)):
+        w = F.rnn_layer_backward(dout, dh_T, want[2])
+        g = K.rnn_layer_backward(dout, dh_T, got[2])
+        for name, gg, ww in zip(["dx", "dh0", "dW_ih", "dW_hh", "db"], g, w):
+            _close(gg, ww, dtype, name)
+
+
+def test_float32_tanh_and_sigmoid_accuracy():
+    # The rational float32 tanh (and the sigmoid built on it) against NumPy, over the whole range
+    # that matters and far into saturation, where it must stay within a few ulps of ±1, not NaN.
+    x = np.concatenate([np.linspace(-12, 12, 20001), [-1e30, -88.0, 88.0, 1e30]]).astype(np.float32)
+    B = 1
+    H = x.size
+    gates = np.zeros((B, 4 * H), np.float32)
+    gates[0, 2 * H:3 * H] = x                     # g = tanh(x)
+    gates[0, :H] = x                              # i = σ(x)
+    gates[0, H:2 * H] = 0                         # f = σ(0) = 0.5 (c_prev is 0 anyway)
+    gates[0, 3 * H:] = 0                          # o = 0.5
+    c, m = np.empty((B, H), np.float32), np.empty((B, H), np.float32)
+    K._lstm_fwd_step(gates, np.zeros_like(gates), np.zeros(4 * H, np.float32),
+                     np.zeros((B, H), np.float32), c, m)
+    x64 = x.astype(np.float64)
+    assert np.all(np.isfinite(gates))
+    np.testing.assert_allclose(gates[0, 2 * H:3 * H], np.tanh(x64), rtol=0, atol=3e-7)
+    np.testing.assert_allclose(gates[0, :H], 0.5 * (1 + np.tanh(0.5 * x64)), rtol=0, atol=3e-7)
+    assert abs(gates[0, 2 * H + H - 1] - 1.0) < 3e-7 and abs(gates[0, 2 * H + H - 4] + 1.0) < 3e-7
+    assert np.abs(gates).max() <= 1.0 + 3e-7
+    # c = σ(x) tanh(x), and m = o tanh(c) with o = 0.5: the cell path uses the same approximation.
+    c_want = gates[0, :H].astype(np.float64) * gates[0, 2 * H:3 * H]
+    np.testing.assert_allclose(c[0], c_want, rtol=0, atol=3e-7)
+    np.testing.assert_allclose(m[0], 0.5 * np.tanh(c_want), rtol=0, atol=3e-7)
+
+
+def test_lstm_matches_torch_float32():
+    # An outside oracle for the fast path itself (the reference could share a mistake with it).
+    torch = pytest.importorskip("torch")
+    T, B, I, H, P = 5, 3, 4, 8, 3
+    lstm = torch.nn.LSTM(I, H, proj_size=P)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = rng.standard_normal((1, B, P)).astype(np.float32)
+    c0 = rng.standard_normal((1, B, H)).astype(np.float32)
+    xt, h0t, c0t = (torch.tensor(v, requires_grad=True) for v in (x, h0, c0))
+    out_t, (h_t, c_t) = lstm(xt, (h0t, c0t))
+    dout = rng.standard_normal(out_t.shape).astype(np.float32)
+    out_t.backward(torch.from_numpy(dout))
+    p = {k: v.detach().numpy() for k, v in lstm.named_parameters()}
+    out, h_T, c_T, cache = K.lstm_layer_forward(x, h0[0], c0[0], p["weight_ih_l0"], p["weight_hh_l0"],
+                                                p["bias_ih_l0"] + p["bias_hh_l0"], p["weight_hr_l0"])
+    dx, dh0, dc0, dW_ih, dW_hh, db, dW_hr = K.lstm_layer_backward(dout, None, None, cache)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out, out_t.detach().numpy(), **tol)
+    np.testing.assert_allclose(c_T, c_t.detach().numpy()[0], **tol)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), **tol)
+    np.testing.assert_allclose(dh0, h0t.grad.numpy()[0], **tol)
+    np.testing.assert_allclose(dc0, c0t.grad.numpy()[0], **tol)
+    np.testing.assert_allclose(dW_ih, lstm.weight_ih_l0.grad.numpy(), **tol)
+    np.testing.assert_allclose(dW_hh, lstm.weight_hh_l0.grad.numpy(), **tol)
+    np.testing.assert_allclose(db, lstm.bias_ih_l0.grad.numpy(), **tol)
+    np.testing.assert_allclose(dW_hr, lstm.weight_hr_l0.grad.numpy(), **tol)
+
+
+def test_blas_thread_count_is_restored():
+    # Small products run on one OpenBLAS thread; the caller's setting must come back afterwards.
+    if K._BLAS_THREADS is None:
+        pytest.skip("NumPy's BLAS is not OpenBLAS: no thread control")
+    get, set_ = K._BLAS_THREADS
+    before = get()
+    try:
+        set_(2)
+        rng = np.random.default_rng(5)
+        a = _lstm_inputs(rng, 3, 2, 4, 5, 5, np.float32, True)
+        out, _, _, cache = K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
+        K.lstm_layer_backward(np.ones_like(out), None, None, cache)
+        assert get() == 2
+    finally:
+        set_(before)
