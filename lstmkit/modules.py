@@ -244,6 +244,8 @@ class _RNNBase(_Module):
     def _run_stack(self, x, h0, c0):
         """Forward through every layer and direction. x (L, N, I) -> (L, N, D*P), h_n, c_n."""
         backend = _backend()
+        # Drop the previous call's activations first, so two sets never coexist (peak memory).
+        self._ctx = self._caches = self._masks = None
         D, L_ = self._D, self.num_layers
         h_n = np.empty_like(h0)
         c_n = np.empty_like(c0) if c0 is not None else None
@@ -533,7 +535,7 @@ class LSTMCell(_CellBase):
     def forward(self, input, hx=None):
         x, (h, c), batched = self._prepare(input, (None, None) if hx is None else hx)
         p = self._params
-        out, h_T, c_T, cache = functional.lstm_layer_forward(x[None], h, c, p["weight_ih"], p["weight_hh"],
+        out, h_T, c_T, cache = _backend().lstm_layer_forward(x[None], h, c, p["weight_ih"], p["weight_hh"],
                                                              self._b(), None)
         self._ctx = {"cache": cache, "batched": batched, "N": x.shape[0]}
         return (h_T, c_T) if batched else (h_T[0], c_T[0])
@@ -542,7 +544,7 @@ class LSTMCell(_CellBase):
         ctx = self._saved()
         dh = self._grad_in(grad_h, "grad_h", ctx)
         dc = self._grad_in(grad_c, "grad_c", ctx)
-        dx, dh0, dc0, dW_ih, dW_hh, db, _ = functional.lstm_layer_backward(
+        dx, dh0, dc0, dW_ih, dW_hh, db, _ = _backend().lstm_layer_backward(
             np.zeros_like(dh)[None], dh, dc, ctx["cache"])
         self._accumulate(dW_ih, dW_hh, db)
         dx = dx[0]
@@ -567,15 +569,16 @@ class RNNCell(_CellBase):
     def forward(self, input, hx=None):
         x, (h,), batched = self._prepare(input, (hx,))
         p = self._params
-        out, h_T, cache = functional.rnn_layer_forward(x[None], h, p["weight_ih"], p["weight_hh"], self._b(),
-                                                       self.nonlinearity)
+        rnn_fwd = getattr(_backend(), "rnn_layer_forward", functional.rnn_layer_forward)
+        out, h_T, cache = rnn_fwd(x[None], h, p["weight_ih"], p["weight_hh"], self._b(), self.nonlinearity)
         self._ctx = {"cache": cache, "batched": batched, "N": x.shape[0]}
         return h_T if batched else h_T[0]
 
     def backward(self, grad_h):
         ctx = self._saved()
         dh = self._grad_in(grad_h, "grad_h", ctx)
-        dx, dh0, dW_ih, dW_hh, db = functional.rnn_layer_backward(np.zeros_like(dh)[None], dh, ctx["cache"])
+        rnn_bwd = getattr(_backend(), "rnn_layer_backward", functional.rnn_layer_backward)
+        dx, dh0, dW_ih, dW_hh, db = rnn_bwd(np.zeros_like(dh)[None], dh, ctx["cache"])
         self._accumulate(dW_ih, dW_hh, db)
         dx = dx[0]
         return (dx, dh0) if ctx["batched"] else (dx[0], dh0[0])

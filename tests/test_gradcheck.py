@@ -131,7 +131,7 @@ def test_rnn_gradients_match_central_differences(nonlinearity, backend):
     check(rnn, rng.standard_normal((3, 2, 3)), (rng.standard_normal((4, 2, 4)),))
 
 
-def test_cells_gradients_match_central_differences():
+def test_cells_gradients_match_central_differences(backend):
     rng = np.random.default_rng(5)
     check(LSTMCell(3, 4, dtype=np.float64, seed=0), rng.standard_normal((2, 3)),
           (rng.standard_normal((2, 4)), rng.standard_normal((2, 4))))

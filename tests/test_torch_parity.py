@@ -105,7 +105,7 @@ def test_rnn_matches_torch(params, dtype, backend):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("hx_given", [True, False])
-def test_lstm_cell_matches_torch(dtype, bias, batched, hx_given):
+def test_lstm_cell_matches_torch(dtype, bias, batched, hx_given, backend):
     ours = LSTMCell(I, H, bias=bias, dtype=dtype, seed=5)
     twin = torch_twin(ours, torch.nn.LSTMCell, input_size=I, hidden_size=H, bias=bias)
     rng = np.random.default_rng(6)
@@ -133,7 +133,7 @@ def test_lstm_cell_matches_torch(dtype, bias, batched, hx_given):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("hx_given", [True, False])
-def test_rnn_cell_matches_torch(dtype, nonlinearity, bias, batched, hx_given):
+def test_rnn_cell_matches_torch(dtype, nonlinearity, bias, batched, hx_given, backend):
     ours = RNNCell(I, H, bias=bias, nonlinearity=nonlinearity, dtype=dtype, seed=7)
     twin = torch_twin(ours, torch.nn.RNNCell, input_size=I, hidden_size=H, bias=bias,
                       nonlinearity=nonlinearity)
