@@ -44,12 +44,15 @@ def _check_dtype(dtype):
     return dtype
 
 
-def _check_size(name, value, minimum=1):
+def _check_int(name, value):
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be greater than zero" if minimum == 1
-                         else f"{name} must be at least {minimum}, got {value}")
+
+
+def _check_size(name, value):
+    _check_int(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than zero, got {value}")
 
 
 def _shape(a):
@@ -156,8 +159,7 @@ class _RNNBase(_Module):
         _check_size("input_size", input_size)
         _check_size("hidden_size", hidden_size)
         _check_size("num_layers", num_layers)
-        if not isinstance(proj_size, numbers.Integral) or isinstance(proj_size, bool):
-            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        _check_int("proj_size", proj_size)
         if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections, "
                              f"got {proj_size}")
@@ -241,9 +243,8 @@ class _RNNBase(_Module):
             got = ", ".join(f"{r}-D" for r in ranks)
             raise RuntimeError(f"For {kind} input, {names} should also be {want}-D but got ({got}) tensors")
 
-    def _run_stack(self, x, h0, c0):
+    def _run_stack(self, x, h0, c0, backend):
         """Forward through every layer and direction. x (L, N, I) -> (L, N, D*P), h_n, c_n."""
-        backend = _backend()
         # Drop the previous call's activations first, so two sets never coexist (peak memory).
         self._ctx = self._caches = self._masks = None
         D, L_ = self._D, self.num_layers
@@ -269,8 +270,7 @@ class _RNNBase(_Module):
                     c_n[idx] = c_T
                 else:
                     nl = "tanh" if self.mode == "RNN_TANH" else "relu"
-                    rnn_fwd = getattr(backend, "rnn_layer_forward", functional.rnn_layer_forward)
-                    out, h_T, cache = rnn_fwd(xin, h0[idx], W_ih, W_hh, b, nl)
+                    out, h_T, cache = backend.rnn_layer_forward(xin, h0[idx], W_ih, W_hh, b, nl)
                 h_n[idx] = h_T
                 outs.append(out if d == 0 else out[::-1])
                 layer_caches.append(cache)
@@ -280,9 +280,8 @@ class _RNNBase(_Module):
         self._masks = masks
         return x, h_n, c_n
 
-    def _backward_stack(self, dy, dh_n, dc_n):
+    def _backward_stack(self, dy, dh_n, dc_n, backend):
         """Backward through the stack in reverse. dy (L, N, D*P) -> dx (L, N, I), dh_0, dc_0."""
-        backend = _backend()
         D, P = self._D, self._P
         dh0 = np.empty_like(dh_n)
         dc0 = np.empty_like(dc_n) if dc_n is not None else None
@@ -301,8 +300,7 @@ class _RNNBase(_Module):
                     if dW_hr is not None:
                         self.grads["weight_hr" + sfx] += dW_hr
                 else:
-                    rnn_bwd = getattr(backend, "rnn_layer_backward", functional.rnn_layer_backward)
-                    dx, dh, dW_ih, dW_hh, db = rnn_bwd(dout, dh_n[idx], cache)
+                    dx, dh, dW_ih, dW_hh, db = backend.rnn_layer_backward(dout, dh_n[idx], cache)
                 dh0[idx] = dh
                 self.grads["weight_ih" + sfx] += dW_ih
                 self.grads["weight_hh" + sfx] += dW_hh
@@ -389,9 +387,10 @@ class LSTM(_RNNBase):
             self._check_state_ranks(hx, batched)
             h0 = self._prepare_state(hx[0], "hidden[0]", self._P, batched, N)
             c0 = self._prepare_state(hx[1], "hidden[1]", self.hidden_size, batched, N)
-        y, h_n, c_n = self._run_stack(x, h0, c0)
+        backend = _backend()
+        y, h_n, c_n = self._run_stack(x, h0, c0, backend)
         output = self._finish_output(y, batched)
-        self._ctx = {"batched": batched, "N": N, "out_shape": _shape(output)}
+        self._ctx = {"batched": batched, "N": N, "out_shape": _shape(output), "backend": backend}
         return output, (self._state_out(h_n, batched), self._state_out(c_n, batched))
 
     def backward(self, grad_output, grad_hx=None):
@@ -404,7 +403,7 @@ class LSTM(_RNNBase):
                             f"got {type(grad_hx).__name__}")
         dh_n = self._state_grad(grad_hx[0], "grad_h_n", self._P, ctx)
         dc_n = self._state_grad(grad_hx[1], "grad_c_n", self.hidden_size, ctx)
-        dx, dh0, dc0 = self._backward_stack(dy, dh_n, dc_n)
+        dx, dh0, dc0 = self._backward_stack(dy, dh_n, dc_n, ctx["backend"])
         b = ctx["batched"]
         return self._finish_output(dx, b), (self._state_out(dh0, b), self._state_out(dc0, b))
 
@@ -436,15 +435,16 @@ class RNN(_RNNBase):
                 raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got "
                                    f"{np.ndim(hx)}-D tensor")
             h0 = self._prepare_state(hx, "hidden", self.hidden_size, batched, N)
-        y, h_n, _ = self._run_stack(x, h0, None)
+        backend = _backend()
+        y, h_n, _ = self._run_stack(x, h0, None, backend)
         output = self._finish_output(y, batched)
-        self._ctx = {"batched": batched, "N": N, "out_shape": _shape(output)}
+        self._ctx = {"batched": batched, "N": N, "out_shape": _shape(output), "backend": backend}
         return output, self._state_out(h_n, batched)
 
     def backward(self, grad_output, grad_h_n=None):
         ctx, dy = self._backward_prologue(grad_output)
         dh_n = self._state_grad(grad_h_n, "grad_h_n", self.hidden_size, ctx)
-        dx, dh0, _ = self._backward_stack(dy, dh_n, None)
+        dx, dh0, _ = self._backward_stack(dy, dh_n, None, ctx["backend"])
         b = ctx["batched"]
         return self._finish_output(dx, b), self._state_out(dh0, b)
 
@@ -454,8 +454,7 @@ class _CellBase(_Module):
 
     def __init__(self, input_size, hidden_size, bias, gates, dtype, seed):
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+            _check_int(name, value)
             if value < 0:   # torch fails here while creating the weight tensor, with RuntimeError
                 raise RuntimeError(f"Trying to create tensor with negative dimension: {name}={value}")
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bool(bias)
@@ -535,16 +534,17 @@ class LSTMCell(_CellBase):
     def forward(self, input, hx=None):
         x, (h, c), batched = self._prepare(input, (None, None) if hx is None else hx)
         p = self._params
-        out, h_T, c_T, cache = _backend().lstm_layer_forward(x[None], h, c, p["weight_ih"], p["weight_hh"],
-                                                             self._b(), None)
-        self._ctx = {"cache": cache, "batched": batched, "N": x.shape[0]}
+        backend = _backend()
+        out, h_T, c_T, cache = backend.lstm_layer_forward(x[None], h, c, p["weight_ih"], p["weight_hh"],
+                                                          self._b(), None)
+        self._ctx = {"cache": cache, "batched": batched, "N": x.shape[0], "backend": backend}
         return (h_T, c_T) if batched else (h_T[0], c_T[0])
 
     def backward(self, grad_h, grad_c=None):
         ctx = self._saved()
         dh = self._grad_in(grad_h, "grad_h", ctx)
         dc = self._grad_in(grad_c, "grad_c", ctx)
-        dx, dh0, dc0, dW_ih, dW_hh, db, _ = _backend().lstm_layer_backward(
+        dx, dh0, dc0, dW_ih, dW_hh, db, _ = ctx["backend"].lstm_layer_backward(
             np.zeros_like(dh)[None], dh, dc, ctx["cache"])
         self._accumulate(dW_ih, dW_hh, db)
         dx = dx[0]
@@ -569,16 +569,16 @@ class RNNCell(_CellBase):
     def forward(self, input, hx=None):
         x, (h,), batched = self._prepare(input, (hx,))
         p = self._params
-        rnn_fwd = getattr(_backend(), "rnn_layer_forward", functional.rnn_layer_forward)
-        out, h_T, cache = rnn_fwd(x[None], h, p["weight_ih"], p["weight_hh"], self._b(), self.nonlinearity)
-        self._ctx = {"cache": cache, "batched": batched, "N": x.shape[0]}
+        backend = _backend()
+        out, h_T, cache = backend.rnn_layer_forward(x[None], h, p["weight_ih"], p["weight_hh"], self._b(),
+                                                    self.nonlinearity)
+        self._ctx = {"cache": cache, "batched": batched, "N": x.shape[0], "backend": backend}
         return h_T if batched else h_T[0]
 
     def backward(self, grad_h):
         ctx = self._saved()
         dh = self._grad_in(grad_h, "grad_h", ctx)
-        rnn_bwd = getattr(_backend(), "rnn_layer_backward", functional.rnn_layer_backward)
-        dx, dh0, dW_ih, dW_hh, db = rnn_bwd(np.zeros_like(dh)[None], dh, ctx["cache"])
+        dx, dh0, dW_ih, dW_hh, db = ctx["backend"].rnn_layer_backward(np.zeros_like(dh)[None], dh, ctx["cache"])
         self._accumulate(dW_ih, dW_hh, db)
         dx = dx[0]
         return (dx, dh0) if ctx["batched"] else (dx[0], dh0[0])

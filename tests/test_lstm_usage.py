@@ -7,7 +7,7 @@ Shape letters: L sequence length, N batch, I input size, H hidden size.
 import numpy as np
 import torch
 
-from lstmkit import LSTM, RNN
+from lstmkit import LSTM, RNN, LSTMCell
 
 
 def test_two_chained_calls_equal_one_call_forward_and_backward(backend):
@@ -74,3 +74,26 @@ def test_pytorch_tutorial_example_shapes():
     assert output.dtype == h_n.dtype == c_n.dtype == np.float32
     dx, (dh0, dc0) = lstm.backward(np.ones_like(output))
     assert dx.shape == x.shape and dh0.shape == h0.shape and dc0.shape == c0.shape
+
+
+def test_backward_uses_the_backend_its_forward_ran_on(monkeypatch):
+    # Caches differ between the reference and the fused kernels: a backward must not pick the
+    # backend afresh when LSTMKIT_REFERENCE changes between the two calls.
+    x = np.random.default_rng(0).standard_normal((4, 2, 3))
+    grads = []
+    for forward_env, backward_env in (("1", "1"), ("0", "1"), ("1", "0")):
+        lstm = LSTM(3, 5, num_layers=2, proj_size=2, dtype=np.float64, seed=0)
+        cell = LSTMCell(3, 5, dtype=np.float64, seed=0)
+        rnn = RNN(3, 5, dtype=np.float64, seed=0)
+        monkeypatch.setenv("LSTMKIT_REFERENCE", forward_env)
+        out, _ = lstm(x)
+        h, _ = cell(x[0])
+        r, _ = rnn(x)
+        monkeypatch.setenv("LSTMKIT_REFERENCE", backward_env)
+        dx, _ = lstm.backward(np.ones_like(out))
+        dxc, _ = cell.backward(np.ones_like(h))
+        dxr, _ = rnn.backward(np.ones_like(r))
+        grads.append((dx, dxc, dxr))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
