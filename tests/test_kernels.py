@@ -5,6 +5,9 @@ projection, T = 1 and T > 1, B = 1 (the compiled whole-layer path used for gener
 (BLAS products + fused per-step kernels), final-state gradients given or None.
 float64 must agree with the reference to 1e-10 (the kernels use libm's tanh in float64); float32
 to float32 tolerance (the kernels use a rational tanh within a few ulps).
+
+Shape letters: T time steps, B batch, I input size, H hidden size, P size of h (projection or H),
+G = 4H stacked gates.
 """
 
 import numpy as np
