@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -48,6 +49,10 @@ FORMAT = "lstmkit-language-model"
 POINTER = "checkpoint.json"
 REQUIRED = ("lstm.safetensors", "model.safetensors", "config.json", "vocab.json")
 TRAINING = ("optimizer.safetensors", "carry.safetensors", "state.json")
+# the only names in a run directory that save_checkpoint ever removes: its own state folders and the
+# temporaries of its own interrupted writes (tempfile's 8 random characters after ".tmp-")
+STATE_NAME = re.compile(r"step-\d{8}-[0-9a-f]{6}")
+TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}(\.json|\.png)?")
 
 
 def _umask() -> int:
@@ -145,12 +150,24 @@ def save_checkpoint(run_dir, *, model: LanguageModel, tokenizer, config: dict, r
     atomic_write_json(os.path.join(run_dir, POINTER),
                       {"format": FORMAT, "format_version": FORMAT_VERSION, "run_id": run_id,
                        "step": step, "current": name})
-    for entry in os.listdir(run_dir):   # older states, and temporaries of interrupted writes
-        if entry != name and (entry.startswith("step-") or entry.startswith(".tmp-")):
-            full = os.path.join(run_dir, entry)
+    _remove_stale(run_dir, keep=name)
+    return final
+
+
+def _remove_stale(run_dir, keep):
+    """Remove older states and temporaries of interrupted writes: only names this module creates."""
+    for entry in os.listdir(run_dir):
+        full = os.path.join(run_dir, entry)
+        if entry == keep or os.path.islink(full):
+            continue
+        if STATE_NAME.fullmatch(entry) or TEMP_NAME.fullmatch(entry):
             if os.path.isdir(full):
                 shutil.rmtree(full, ignore_errors=True)
-    return final
+            elif os.path.isfile(full) and TEMP_NAME.fullmatch(entry):
+                try:
+                    os.remove(full)
+                except OSError:
+                    pass
 
 
 # ---- reading ---------------------------------------------------------------------------------

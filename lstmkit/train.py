@@ -28,7 +28,7 @@ import uuid
 import numpy as np
 
 from . import __version__
-from .checkpoint import CheckpointError, read_checkpoint, read_pointer, save_checkpoint
+from .checkpoint import POINTER, CheckpointError, read_checkpoint, read_pointer, save_checkpoint
 from .config import EVAL_BATCH_SIZE, EXPLODE_FACTOR, MAIN_JOB_MINUTES, LMError, TrainConfig, validate
 from .data import BatchStream, DataError, eval_chunks, read_text, split_train_val, text_digest
 from .model import LanguageModel
@@ -143,6 +143,9 @@ class Trainer:
         if ptr is not None and ptr.get("run_id") != run_id:
             raise LMError(f"--out {out_dir!r} already holds the checkpoint of another run (step "
                           f"{ptr.get('step')}); choose a new --out, or --resume it")
+        if ptr is None and os.path.isdir(out_dir) and os.listdir(out_dir):
+            raise LMError(f"--out {out_dir!r} is a folder that is not empty and holds no lstmkit checkpoint "
+                          f"({POINTER} is missing); choose a new or empty folder")
         self.run_id = run_id
 
         # model, optimizer, training state

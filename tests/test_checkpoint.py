@@ -98,6 +98,27 @@ def test_a_new_save_replaces_the_old_state(tmp_path):
     assert len(states) == 1 and states[0].startswith("step-00000004")
 
 
+def test_a_new_save_removes_only_names_it_creates(tmp_path):
+    run, m, tok, opt = make(tmp_path, step=3)
+    old_state = os.path.basename(ckpt.resolve(run))
+    mine = {"step-by-step": "dir", "step-00000001-notes": "dir", ".tmp-notes": "dir", "loss-notes.txt": "file",
+            ".tmp-abc.json": "file"}
+    for name, kind in mine.items():
+        if kind == "dir":
+            os.mkdir(os.path.join(run, name))
+            Path(run, name, "keep.txt").write_text("mine")
+        else:
+            Path(run, name).write_text("mine")
+    stale = {".tmp-abcd1234": "dir", ".tmp-zz_99xyz.json": "file"}      # left by interrupted writes
+    os.mkdir(os.path.join(run, ".tmp-abcd1234"))
+    Path(run, ".tmp-zz_99xyz.json").write_text("{")
+    save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=4)
+    left = set(os.listdir(run))
+    assert set(mine) <= left
+    assert not (set(stale) | {old_state}) & left
+    assert all(Path(run, n, "keep.txt").read_text() == "mine" for n, k in mine.items() if k == "dir")
+
+
 def test_missing(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(str(tmp_path / "nothing"))

@@ -251,6 +251,26 @@ def test_out_holding_another_run_is_refused(capsys, trained, text_file):
     assert snapshot(trained) == before
 
 
+def test_out_holding_other_files_is_refused_and_left_alone(capsys, tmp_path, text_file):
+    out = tmp_path / "mine"
+    (out / "step-by-step").mkdir(parents=True)
+    (out / "step-by-step" / "notes.txt").write_text("my notes")
+    (out / "loss.png").write_bytes(b"my own figure")
+    before = snapshot(out)
+    rc, _, se = train(capsys, text_file, str(out), "--steps", "2")
+    one_line_error(rc, se)
+    assert "not empty" in se and "checkpoint.json" in se
+    assert snapshot(out) == before and sorted(os.listdir(out)) == ["loss.png", "step-by-step"]
+
+
+def test_an_empty_out_folder_is_used(capsys, tmp_path, text_file):
+    out = tmp_path / "empty"
+    out.mkdir()
+    rc, _, se = train(capsys, text_file, str(out), "--steps", "2")
+    assert rc == 0, se
+    assert state_of(str(out))["step"] == 2
+
+
 def test_eval_unknown_symbols_and_missing_data(capsys, tmp_path, trained):
     p = tmp_path / "ko.txt"
     p.write_text("한국어", encoding="utf-8")
