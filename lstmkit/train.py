@@ -28,7 +28,7 @@ import uuid
 import numpy as np
 
 from . import __version__
-from .checkpoint import POINTER, CheckpointError, read_checkpoint, read_pointer, save_checkpoint
+from .checkpoint import POINTER, CheckpointError, atomic_write, read_checkpoint, read_pointer, save_checkpoint
 from .config import EVAL_BATCH_SIZE, EXPLODE_FACTOR, MAIN_JOB_MINUTES, LMError, TrainConfig, validate
 from .data import BatchStream, DataError, eval_chunks, read_text, split_train_val, text_digest
 from .model import LanguageModel
@@ -242,9 +242,7 @@ class Trainer:
                      f"{self.cfg.num_layers}x{self.cfg.hidden_size}")
         ax.grid(alpha=0.3)
         ax.legend()
-        tmp = os.path.join(self.out_dir, ".tmp-loss.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, os.path.join(self.out_dir, "loss.png"))
+        atomic_write(os.path.join(self.out_dir, "loss.png"), lambda f: fig.savefig(f, format="png"))
 
     # -- the loop ----------------------------------------------------------------------------
     def _done(self):

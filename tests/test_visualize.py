@@ -103,6 +103,21 @@ def test_bad_input_gives_one_line(ckpt, extra, message, capsys, tmp_path):
     assert notes.read_text() == "mine"
 
 
+def test_a_failed_write_keeps_the_old_page_and_leaves_no_temporary(ckpt, tmp_path, capsys, monkeypatch):
+    d, _, _ = ckpt
+    out = tmp_path / "p.html"
+    out.write_text(vis.MARKER.decode() + " an older page")
+
+    def replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert vis.main([str(d / "run"), "--text", str(d / "text.txt"), "--out", str(out), "--max-chars", "20"]) == 1
+    monkeypatch.undo()
+    assert "No space left on device" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["p.html"] and out.read_text().endswith("an older page")
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     assert vis.main([str(tmp_path / "nope"), "--text", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
