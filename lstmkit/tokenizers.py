@@ -223,10 +223,16 @@ def build_tokenizer(kind: str, text: str) -> Tokenizer:
 
 
 def tokenizer_from_dict(d: dict) -> Tokenizer:
+    """The tokenizer of to_dict()'s {"kind", "vocab"}; ValueError for anything else."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected {{\"kind\": ..., \"vocab\": [...]}}, got {type(d).__name__}")
     kind = d.get("kind")
     if kind not in TOKENIZER_CLASSES:
         raise ValueError(f"unknown tokenizer kind {kind!r}")
-    return TOKENIZER_CLASSES[kind](d["vocab"])
+    vocab = d.get("vocab")
+    if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+        raise ValueError("vocab must be a list of strings")
+    return TOKENIZER_CLASSES[kind](vocab)
 
 
 class StreamDecoder:

@@ -95,7 +95,14 @@ class Trainer:
         ck = None
         if resume is not None:
             ck = read_checkpoint(resume, training=True)
-            saved = TrainConfig.from_dict(ck["config"]["train"])
+            try:
+                TrainConfig.check_types(ck["config"]["train"])
+                saved = TrainConfig.from_dict(ck["config"]["train"])
+                if not isinstance(ck["config"]["data"]["sha256"], str):
+                    raise TypeError("data.sha256 is not a string")
+            except (KeyError, TypeError) as e:
+                raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training configuration "
+                                      f"in config.json ({type(e).__name__}: {e})") from None
             for k, v in overrides.items():
                 if k == "data":
                     continue
@@ -159,13 +166,18 @@ class Trainer:
                 self.model.lstm.dropout_rng.bit_generator.state = st["rng"]["dropout"]
                 self.step = int(st["step"])
                 self.history = st["history"]
+                if not all(isinstance(self.history.get(k), list) for k in ("step", "loss", "val_step", "val_bpc")):
+                    raise ValueError("the loss history is not lists of steps and losses")
                 self.elapsed = float(st["elapsed_s"])
                 self.first_loss = st["first_loss"]
+                if self.first_loss is not None:
+                    self.first_loss = float(self.first_loss)
                 self.carry = ck["carry"]
                 if self.carry[0].shape != (cfg.num_layers, cfg.batch_size, cfg.hidden_size):
                     raise ValueError("carried state has the wrong shape")
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training state ({e})") from None
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training state in state.json "
+                                      f"({type(e).__name__}: {e})") from None
         else:
             self.model = LanguageModel(self.tok.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
                                        cfg.embed_size, seed=cfg.seed)

@@ -243,6 +243,52 @@ def test_bad_sampling_options(capsys, trained):
         assert pattern in se
 
 
+def test_negative_sample_seed(capsys, trained):
+    rc, so, se = run(capsys, "sample", trained, "--seed", "-1")
+    one_line_error(rc, se)
+    assert "--seed must be an integer >= 0, got -1" in se and so == ""
+
+
+def _del(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+def _set(key, value):
+    return lambda d: {**d, key: value}
+
+
+def _set_in(outer, key, value):
+    return lambda d: {**d, outer: {**d[outer], key: value}}
+
+
+@pytest.mark.parametrize("name,edit,command", [          # edit: the file's JSON -> what is written instead
+    ("config.json", _del("train"), "resume"),
+    ("config.json", _del("data"), "resume"),
+    ("config.json", _set("train", ["not", "a", "dict"]), "resume"),
+    ("config.json", _set_in("train", "hidden_size", "16"), "resume"),
+    ("config.json", _set_in("data", "sha256", None), "resume"),
+    ("vocab.json", lambda d: ["a", "b"], "sample"),
+    ("vocab.json", lambda d: ["a", "b"], "resume"),
+    ("vocab.json", _set("vocab", [1, 2]), "sample"),
+    ("state.json", _set("optimizer", None), "resume"),
+    ("state.json", _set("optimizer", []), "resume"),
+    ("state.json", _set("history", []), "resume"),
+    ("state.json", _set("first_loss", "high"), "resume"),
+    ("state.json", lambda d: [], "resume"),
+])
+def test_checkpoint_json_of_the_wrong_shape(capsys, trained, name, edit, command):
+    p = Path(resolve(trained), name)
+    p.write_text(json.dumps(edit(json.loads(p.read_text(encoding="utf-8")))), encoding="utf-8")
+    before = snapshot(trained)
+    if command == "resume":
+        rc, _, se = run(capsys, "train", "--resume", trained, "--steps", "4", "--no-progress")
+    else:
+        rc, _, se = run(capsys, "sample", trained, "--length", "5")
+    one_line_error(rc, se)
+    assert "corrupt" in se and (repr(trained) in se or repr(resolve(trained)) in se), se
+    assert snapshot(trained) == before
+
+
 def test_out_holding_another_run_is_refused(capsys, trained, text_file):
     before = snapshot(trained)
     rc, _, se = train(capsys, text_file, trained, "--steps", "2")
