@@ -89,7 +89,8 @@ def test_stop_and_resume_equals_uninterrupted(capsys, tmp_path, text_file):
     assert train(capsys, text_file, full, "--steps", "14", *common)[0] == 0
     assert train(capsys, text_file, part, "--steps", "6", *common)[0] == 0
     rc, so, se = run(capsys, "train", "--resume", part, "--steps", "14", "--no-progress")
-    assert rc == 0, se and "resuming" in so
+    assert rc == 0, se
+    assert "resuming" in so
     a, _, _ = load_checkpoint(full)
     b, _, _ = load_checkpoint(part)
     for k in a.params:
