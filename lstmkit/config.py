@@ -142,6 +142,9 @@ def validate(cfg: TrainConfig) -> None:
     for ok, flag, expected, given in checks:
         if not ok:
             raise ConfigError(f"{flag} must be {expected}, got {given!r}")
+    if cfg.dropout > 0 and cfg.num_layers < 2:
+        raise ConfigError(f"--dropout {cfg.dropout:g} needs --num-layers >= 2: dropout acts between LSTM layers "
+                          f"(as in torch.nn.LSTM), and --num-layers is {cfg.num_layers}")
 
 
 def validate_sampling(length: int, temperature: float, top_k: int, top_p: float, seed: int | None = None) -> None:

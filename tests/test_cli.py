@@ -157,6 +157,7 @@ def test_bad_data(capsys, tmp_path, content, pattern):
     (["--hidden-size", "0"], "--hidden-size must be"),
     (["--num-layers", "-1"], "--num-layers must be"),
     (["--dropout", "1.5"], "--dropout must be"),
+    (["--dropout", "0.3"], "--dropout 0.3 needs --num-layers >= 2"),
     (["--lr", "-0.1"], "--lr"),
     (["--lr", "nan"], "--lr"),
     (["--val-frac", "0.9"], "--val-frac must be"),
