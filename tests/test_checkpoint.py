@@ -63,6 +63,12 @@ def test_torch_loads_the_lstm_tensors_directly(tmp_path):
     rest = load_file(os.path.join(d, "model.safetensors"))
     emb = torch.nn.Embedding(tok.vocab_size, 5)
     emb.load_state_dict({"weight": torch.from_numpy(rest["embedding.weight"])})
+    dec = torch.nn.Linear(8, tok.vocab_size)
+    dec.load_state_dict({"weight": torch.from_numpy(rest["decoder.weight"]),
+                         "bias": torch.from_numpy(rest["decoder.bias"])})
+    np.testing.assert_array_equal(emb.weight.detach().numpy(), m.params["embedding.weight"])
+    np.testing.assert_array_equal(dec.weight.detach().numpy(), m.params["decoder.weight"])
+    np.testing.assert_array_equal(dec.bias.detach().numpy(), m.params["decoder.bias"])
 
 
 def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

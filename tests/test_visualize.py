@@ -163,6 +163,21 @@ def _chromium(chromium, tmp_path, *args):
 SPAN = re.compile(r'<span data-u="(\d+)" style="background-color: rgba?\((\d+), (\d+), (\d+)(?:, ([\d.]+))?\);">')
 
 
+def test_activations_are_the_models_own_h_and_c(ckpt):
+    _, model, tok = ckpt
+    ids = tok.encode(TEXT[:60])
+    layers = vis.activations(model, ids)
+    _, (h_T, c_T), cache = model.forward(ids[:, None])
+    c = [np.array(lc[0]["c"][:, 0]) for lc in cache["lstm"]]         # (T, H) per layer, from the model's cache
+    out, _ = model.lstm(model.embedding[ids[:, None]])               # (T, 1, H): the top layer's h
+    np.testing.assert_allclose(layers[-1]["h"], out[:, 0], rtol=1e-5, atol=1e-6)
+    for l, acts in enumerate(layers):
+        np.testing.assert_allclose(acts["c"], c[l], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(acts["h"][-1], h_T[l, 0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(acts["c"][-1], c_T[l, 0], rtol=1e-5, atol=1e-6)
+    assert np.abs(layers[-1]["h"]).max() > 1e-3                      # not two zeros agreeing
+
+
 def _expected_codes(model, tok, layer, kind, cell):
     layers = vis.activations(model, tok.encode(TEXT))
     q, _ = vis._quantise(layers[layer][kind], kind)
