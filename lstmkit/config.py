@@ -84,10 +84,6 @@ class TrainConfig:
     def effective_lr(self) -> float:
         return self.lr if self.lr > 0 else DEFAULT_LR[self.optimizer]
 
-    @property
-    def effective_embed_size(self) -> int:
-        return self.embed_size if self.embed_size > 0 else self.hidden_size
-
 
 # `lstmkit sample` defaults
 SAMPLE_LENGTH = 500

@@ -107,10 +107,6 @@ class Tokenizer:
         raise NotImplementedError
 
     @classmethod
-    def from_text(cls, text: str) -> "Tokenizer":
-        return build_tokenizer(cls.kind, text)
-
-    @classmethod
     def _tokens_for_vocab(cls, text: str):
         raise NotImplementedError
 
@@ -134,10 +130,6 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.detokenize([self.vocab[int(i)] for i in ids])
-
-    def chars_per_token(self, text: str, ids: np.ndarray) -> float:
-        """Original characters per token of an encoded text (for bits per character)."""
-        return len(text) / max(len(ids), 1)
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
