@@ -8,6 +8,7 @@ Run by hand on an otherwise idle machine; numbers move with the machine's load.
 """
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -64,8 +65,8 @@ def budget(minutes, which=None):
             continue
         cfg = TrainConfig(data="mujeong", tokenizer=kind, hidden_size=H, num_layers=L, seq_len=T, batch_size=B,
                           minutes=minutes, eval_every=10**9, sample_every=0, sample_length=0)
-        with tempfile.TemporaryDirectory() as d:
-            r = Trainer(cfg, d, progress=False, out=open("/dev/null", "w")).run()
+        with tempfile.TemporaryDirectory() as d, open(os.devnull, "w") as devnull:
+            r = Trainer(cfg, d, progress=False, out=devnull).run()
         print(f"{kind:5s} H={H:4d} L={L} T={T} B={B}: {minutes:g} min -> step {r['step']}, "
               f"val {r['val']:.3f} bits/char", flush=True)
 

@@ -16,9 +16,11 @@ A checkpoint is a run directory (the trainer's --out):
         state.json                 step, data position, RNG states, optimizer step, loss history
     RUN/loss.png                   the loss curve
 
-Atomicity: a new state is written into a temporary folder, which is renamed into place; only then
-is checkpoint.json replaced (os.replace, atomic) to point at it, and older states are removed.  A
-crash at any moment leaves checkpoint.json naming a complete state.
+Atomicity: a new state is written into a temporary folder (each file fsync'ed, then the folder),
+which is renamed into place and the run directory fsync'ed; only then is checkpoint.json replaced
+(atomic_write: fsync'ed temporary, os.replace, folder fsync'ed) to point at it, and only after that
+are older states removed.  A crash or power cut at any moment leaves checkpoint.json naming a
+complete state.
 
 Python:
     model, tokenizer, config = load_checkpoint("runs/mujeong")   # model: lstmkit.model.LanguageModel
@@ -32,13 +34,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
+from safetensors.numpy import save as save_st
 
 from .config import FORMAT_VERSION, LMError
 from .model import LanguageModel
@@ -48,6 +52,10 @@ FORMAT = "lstmkit-language-model"
 POINTER = "checkpoint.json"
 REQUIRED = ("lstm.safetensors", "model.safetensors", "config.json", "vocab.json")
 TRAINING = ("optimizer.safetensors", "carry.safetensors", "state.json")
+# the only names in a run directory that save_checkpoint ever removes: its own state folders and the
+# temporaries of its own interrupted writes (tempfile's 8 random characters after ".tmp-")
+STATE_NAME = re.compile(r"step-\d{8}-[0-9a-f]{6}")
+TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}(\.json|\.png)?")
 
 
 def _umask() -> int:
@@ -56,8 +64,8 @@ def _umask() -> int:
     return mask
 
 
-_MODE_DIR = 0o777 & ~_umask()
-_MODE_FILE = 0o666 & ~_umask()
+MODE_DIR = 0o777 & ~_umask()
+MODE_FILE = 0o666 & ~_umask()      # what open() would give; mkstemp's 0600 is changed to it
 
 
 class CheckpointError(LMError, ValueError):
@@ -65,31 +73,68 @@ class CheckpointError(LMError, ValueError):
 
 
 # ---- writing ---------------------------------------------------------------------------------
+# Durability: data reaches the disk only when fsync'ed, and a rename only when its folder is.
 
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
+def fsync_dir(path) -> None:
+    """fsync a folder, so that the names created, renamed or removed in it survive a power cut."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:         # a platform that cannot open folders (Windows): nothing more to do
+        return
+    try:
+        os.fsync(fd)
+    except OSError:         # some file systems do not support it on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path, write_fn) -> None:
+    """Create path, write_fn(binary file), flush and fsync it."""
+    with open(path, "wb") as f:
+        write_fn(f)
         f.flush()
         os.fsync(f.fileno())
 
 
-def atomic_write_json(path, obj):
-    """Write JSON to path through a temporary file and os.replace (readers see old or new, never half)."""
+def atomic_write(path, write_fn) -> None:
+    """Replace path durably and atomically: write_fn(f) writes a temporary file (binary) in the same
+    folder, which is flushed, fsync'ed and os.replace'd over path, and the folder is fsync'ed.
+    Readers see the old file or the new one, never half; after a failure no temporary is left."""
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=d)
     os.close(fd)
     try:
-        os.chmod(tmp, _MODE_FILE)
-        _write_json(tmp, obj)
+        os.chmod(tmp, MODE_FILE)
+        _write_synced(tmp, write_fn)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:
+            pass
         raise
+    fsync_dir(d)
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")
+
+
+def _write_json(path, obj):
+    data = _json_bytes(obj)
+    _write_synced(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path, obj):
+    """Write JSON to path through atomic_write (readers see old or new, never half)."""
+    data = _json_bytes(obj)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _save_st(path, arrays):
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, path)
+    data = save_st({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    _write_synced(path, lambda f: f.write(data))
 
 
 def read_pointer(run_dir) -> dict | None:
@@ -135,22 +180,36 @@ def save_checkpoint(run_dir, *, model: LanguageModel, tokenizer, config: dict, r
             _write_json(os.path.join(tmp, "state.json"),
                         {**state, "optimizer": optimizer.state_meta() if optimizer is not None else None})
         for f in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, f), _MODE_FILE)
-        os.chmod(tmp, _MODE_DIR)
+            os.chmod(os.path.join(tmp, f), MODE_FILE)
+        os.chmod(tmp, MODE_DIR)
+        fsync_dir(tmp)                  # the files' names are on disk before the folder is renamed
         final = os.path.join(run_dir, name)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_json(os.path.join(run_dir, POINTER),
+    fsync_dir(run_dir)                  # the complete state is on disk under its name ...
+    atomic_write_json(os.path.join(run_dir, POINTER),      # ... before the pointer names it (fsync'ed too)
                       {"format": FORMAT, "format_version": FORMAT_VERSION, "run_id": run_id,
                        "step": step, "current": name})
-    for entry in os.listdir(run_dir):   # older states, and temporaries of interrupted writes
-        if entry != name and (entry.startswith("step-") or entry.startswith(".tmp-")):
-            full = os.path.join(run_dir, entry)
+    _remove_stale(run_dir, keep=name)   # only now that the pointer is durable
+    return final
+
+
+def _remove_stale(run_dir, keep):
+    """Remove older states and temporaries of interrupted writes: only names this module creates."""
+    for entry in os.listdir(run_dir):
+        full = os.path.join(run_dir, entry)
+        if entry == keep or os.path.islink(full):
+            continue
+        if STATE_NAME.fullmatch(entry) or TEMP_NAME.fullmatch(entry):
             if os.path.isdir(full):
                 shutil.rmtree(full, ignore_errors=True)
-    return final
+            elif os.path.isfile(full) and TEMP_NAME.fullmatch(entry):
+                try:
+                    os.remove(full)
+                except OSError:
+                    pass
 
 
 # ---- reading ---------------------------------------------------------------------------------

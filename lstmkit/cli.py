@@ -170,7 +170,7 @@ def cmd_train(args, out, err) -> int:
 def cmd_sample(args, out, err) -> int:
     from .checkpoint import load_checkpoint
     from .sample import Sampler
-    C.validate_sampling(args.length, args.temperature, args.top_k, args.top_p)
+    C.validate_sampling(args.length, args.temperature, args.top_k, args.top_p, args.seed)
     model, tok, _ = load_checkpoint(args.ckpt)
     from .data import normalize_text
     Sampler(model, tok).generate(args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -68,13 +68,21 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    @classmethod
+    def check_types(cls, d) -> None:
+        """Raise TypeError unless d is a dict whose known keys have the types of the defaults."""
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a dict of hyperparameters, got {type(d).__name__}")
+        for f in fields(cls):
+            if f.name in d:
+                v, default = d[f.name], getattr(cls, f.name)
+                ok = (isinstance(v, (int, float)) if isinstance(default, float) else isinstance(v, type(default)))
+                if not ok or isinstance(v, bool):
+                    raise TypeError(f"{f.name} is {v!r}, expected {type(default).__name__}")
+
     @property
     def effective_lr(self) -> float:
         return self.lr if self.lr > 0 else DEFAULT_LR[self.optimizer]
-
-    @property
-    def effective_embed_size(self) -> int:
-        return self.embed_size if self.embed_size > 0 else self.hidden_size
 
 
 # `lstmkit sample` defaults
@@ -130,9 +138,12 @@ def validate(cfg: TrainConfig) -> None:
     for ok, flag, expected, given in checks:
         if not ok:
             raise ConfigError(f"{flag} must be {expected}, got {given!r}")
+    if cfg.dropout > 0 and cfg.num_layers < 2:
+        raise ConfigError(f"--dropout {cfg.dropout:g} needs --num-layers >= 2: dropout acts between LSTM layers "
+                          f"(as in torch.nn.LSTM), and --num-layers is {cfg.num_layers}")
 
 
-def validate_sampling(length: int, temperature: float, top_k: int, top_p: float) -> None:
+def validate_sampling(length: int, temperature: float, top_k: int, top_p: float, seed: int | None = None) -> None:
     if length < 0:
         raise ConfigError(f"--length must be an integer >= 0, got {length}")
     if not (_finite(temperature) and temperature > 0):
@@ -141,3 +152,5 @@ def validate_sampling(length: int, temperature: float, top_k: int, top_p: float)
         raise ConfigError(f"--top-k must be an integer >= 0 (0 = off), got {top_k}")
     if not (_finite(top_p) and 0.0 < top_p <= 1.0):
         raise ConfigError(f"--top-p must be a number in (0, 1], got {top_p}")
+    if seed is not None and seed < 0:
+        raise ConfigError(f"--seed must be an integer >= 0, got {seed}")

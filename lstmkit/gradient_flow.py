@@ -46,11 +46,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
+from .checkpoint import atomic_write
 from .modules import LSTM, RNN
 from .optim import Adam, clip_grad_norm
 
@@ -271,22 +271,7 @@ def plot(res, path, dpi=100):
     ax2.grid(True, alpha=0.3)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.chmod(tmp, 0o666 & ~_umask())         # mkstemp makes 0600; a figure is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
 
 
 # ---- command line ---------------------------------------------------------------------------

@@ -52,6 +52,8 @@ class Optimizer:
         return {"name": self.name, "t": self.t, "lr": self.lr}
 
     def load_state(self, arrays: dict, meta: dict) -> None:
+        if not isinstance(meta, dict):
+            raise ValueError(f"optimizer state must be a dict with name, t and lr, got {meta!r}")
         if meta.get("name") != self.name:
             raise ValueError(f"optimizer state is for {meta.get('name')!r}, not {self.name!r}")
         for slot, d in self.state.items():

@@ -107,10 +107,6 @@ class Tokenizer:
         raise NotImplementedError
 
     @classmethod
-    def from_text(cls, text: str) -> "Tokenizer":
-        return build_tokenizer(cls.kind, text)
-
-    @classmethod
     def _tokens_for_vocab(cls, text: str):
         raise NotImplementedError
 
@@ -134,10 +130,6 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self.detokenize([self.vocab[int(i)] for i in ids])
-
-    def chars_per_token(self, text: str, ids: np.ndarray) -> float:
-        """Original characters per token of an encoded text (for bits per character)."""
-        return len(text) / max(len(ids), 1)
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
@@ -223,10 +215,16 @@ def build_tokenizer(kind: str, text: str) -> Tokenizer:
 
 
 def tokenizer_from_dict(d: dict) -> Tokenizer:
+    """The tokenizer of to_dict()'s {"kind", "vocab"}; ValueError for anything else."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected {{\"kind\": ..., \"vocab\": [...]}}, got {type(d).__name__}")
     kind = d.get("kind")
     if kind not in TOKENIZER_CLASSES:
         raise ValueError(f"unknown tokenizer kind {kind!r}")
-    return TOKENIZER_CLASSES[kind](d["vocab"])
+    vocab = d.get("vocab")
+    if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+        raise ValueError("vocab must be a list of strings")
+    return TOKENIZER_CLASSES[kind](vocab)
 
 
 class StreamDecoder:

@@ -28,7 +28,7 @@ import uuid
 import numpy as np
 
 from . import __version__
-from .checkpoint import CheckpointError, read_checkpoint, read_pointer, save_checkpoint
+from .checkpoint import POINTER, CheckpointError, atomic_write, read_checkpoint, read_pointer, save_checkpoint
 from .config import EVAL_BATCH_SIZE, EXPLODE_FACTOR, MAIN_JOB_MINUTES, LMError, TrainConfig, validate
 from .data import BatchStream, DataError, eval_chunks, read_text, split_train_val, text_digest
 from .model import LanguageModel
@@ -95,7 +95,14 @@ class Trainer:
         ck = None
         if resume is not None:
             ck = read_checkpoint(resume, training=True)
-            saved = TrainConfig.from_dict(ck["config"]["train"])
+            try:
+                TrainConfig.check_types(ck["config"]["train"])
+                saved = TrainConfig.from_dict(ck["config"]["train"])
+                if not isinstance(ck["config"]["data"]["sha256"], str):
+                    raise TypeError("data.sha256 is not a string")
+            except (KeyError, TypeError) as e:
+                raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training configuration "
+                                      f"in config.json ({type(e).__name__}: {e})") from None
             for k, v in overrides.items():
                 if k == "data":
                     continue
@@ -143,6 +150,9 @@ class Trainer:
         if ptr is not None and ptr.get("run_id") != run_id:
             raise LMError(f"--out {out_dir!r} already holds the checkpoint of another run (step "
                           f"{ptr.get('step')}); choose a new --out, or --resume it")
+        if ptr is None and os.path.isdir(out_dir) and os.listdir(out_dir):
+            raise LMError(f"--out {out_dir!r} is a folder that is not empty and holds no lstmkit checkpoint "
+                          f"({POINTER} is missing); choose a new or empty folder")
         self.run_id = run_id
 
         # model, optimizer, training state
@@ -156,13 +166,18 @@ class Trainer:
                 self.model.lstm.dropout_rng.bit_generator.state = st["rng"]["dropout"]
                 self.step = int(st["step"])
                 self.history = st["history"]
+                if not all(isinstance(self.history.get(k), list) for k in ("step", "loss", "val_step", "val_bpc")):
+                    raise ValueError("the loss history is not lists of steps and losses")
                 self.elapsed = float(st["elapsed_s"])
                 self.first_loss = st["first_loss"]
+                if self.first_loss is not None:
+                    self.first_loss = float(self.first_loss)
                 self.carry = ck["carry"]
                 if self.carry[0].shape != (cfg.num_layers, cfg.batch_size, cfg.hidden_size):
                     raise ValueError("carried state has the wrong shape")
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training state ({e})") from None
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training state in state.json "
+                                      f"({type(e).__name__}: {e})") from None
         else:
             self.model = LanguageModel(self.tok.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
                                        cfg.embed_size, seed=cfg.seed)
@@ -239,9 +254,7 @@ class Trainer:
                      f"{self.cfg.num_layers}x{self.cfg.hidden_size}")
         ax.grid(alpha=0.3)
         ax.legend()
-        tmp = os.path.join(self.out_dir, ".tmp-loss.png")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, os.path.join(self.out_dir, "loss.png"))
+        atomic_write(os.path.join(self.out_dir, "loss.png"), lambda f: fig.savefig(f, format="png"))
 
     # -- the loop ----------------------------------------------------------------------------
     def _done(self):

@@ -42,7 +42,6 @@ import html
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -384,12 +383,6 @@ update();
 """
 
 
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 # ---- command line ---------------------------------------------------------------------------
 
 class _UsageError(Exception):
@@ -432,7 +425,7 @@ def _check_output(path):
 
 def main(argv=None, prog="lstmkit visualize"):
     """Command-line entry point; returns the exit code."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import atomic_write, load_checkpoint
     from .config import LMError
     from .data import read_text
 
@@ -458,17 +451,13 @@ def main(argv=None, prog="lstmkit visualize"):
         return 2
     page = build_page(model, tokenizer, text, title="Inside the LSTM",
                       source=f"{os.path.basename(os.path.abspath(args.ckpt))} reading {os.path.basename(args.text)}:")
-    d = os.path.dirname(os.path.abspath(args.out))
+    data = page.encode("utf-8")
     try:
-        fd, tmp = tempfile.mkstemp(suffix=".html", dir=d)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o666 & ~_umask())         # mkstemp makes 0600; a page is for sharing
-        os.replace(tmp, args.out)   # atomic: a reader never sees half a page
+        atomic_write(args.out, lambda f: f.write(data))   # a reader never sees half a page
     except OSError as e:
         print(f"{prog}: error: cannot write {args.out!r}: {e.strerror or e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out} ({len(page.encode('utf-8')) / 1e6:.1f} MB): open it in a browser")
+    print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB): open it in a browser")
     return 0
 
 

@@ -63,6 +63,12 @@ def test_torch_loads_the_lstm_tensors_directly(tmp_path):
     rest = load_file(os.path.join(d, "model.safetensors"))
     emb = torch.nn.Embedding(tok.vocab_size, 5)
     emb.load_state_dict({"weight": torch.from_numpy(rest["embedding.weight"])})
+    dec = torch.nn.Linear(8, tok.vocab_size)
+    dec.load_state_dict({"weight": torch.from_numpy(rest["decoder.weight"]),
+                         "bias": torch.from_numpy(rest["decoder.bias"])})
+    np.testing.assert_array_equal(emb.weight.detach().numpy(), m.params["embedding.weight"])
+    np.testing.assert_array_equal(dec.weight.detach().numpy(), m.params["decoder.weight"])
+    np.testing.assert_array_equal(dec.bias.detach().numpy(), m.params["decoder.bias"])
 
 
 def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -96,6 +102,81 @@ def test_a_new_save_replaces_the_old_state(tmp_path):
     save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=4)
     states = [e for e in os.listdir(run) if e.startswith("step-")]
     assert len(states) == 1 and states[0].startswith("step-00000004")
+
+
+def test_a_new_save_removes_only_names_it_creates(tmp_path):
+    run, m, tok, opt = make(tmp_path, step=3)
+    old_state = os.path.basename(ckpt.resolve(run))
+    mine = {"step-by-step": "dir", "step-00000001-notes": "dir", ".tmp-notes": "dir", "loss-notes.txt": "file",
+            ".tmp-abc.json": "file"}
+    for name, kind in mine.items():
+        if kind == "dir":
+            os.mkdir(os.path.join(run, name))
+            Path(run, name, "keep.txt").write_text("mine")
+        else:
+            Path(run, name).write_text("mine")
+    stale = {".tmp-abcd1234": "dir", ".tmp-zz_99xyz.json": "file"}      # left by interrupted writes
+    os.mkdir(os.path.join(run, ".tmp-abcd1234"))
+    Path(run, ".tmp-zz_99xyz.json").write_text("{")
+    save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=4)
+    left = set(os.listdir(run))
+    assert set(mine) <= left
+    assert not (set(stale) | {old_state}) & left
+    assert all(Path(run, n, "keep.txt").read_text() == "mine" for n, k in mine.items() if k == "dir")
+
+
+def test_every_file_and_folder_is_fsynced_before_the_old_state_goes(tmp_path, monkeypatch):
+    run, m, tok, opt = make(tmp_path, step=3)
+    old_state = os.path.basename(ckpt.resolve(run))
+    events, real_fsync, real_rmtree = [], os.fsync, ckpt.shutil.rmtree
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", (st.st_dev, st.st_ino)))
+        real_fsync(fd)
+
+    def rmtree(path, *a, **k):
+        events.append(("rm", os.path.basename(path)))
+        real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
+    final = save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=4, state={"step": 4},
+                            optimizer=opt, carry=m.initial_state(1))
+    monkeypatch.undo()
+
+    def ino(p):
+        st = os.stat(p)
+        return st.st_dev, st.st_ino
+
+    synced = [e[1] for e in events if e[0] == "fsync"]
+    files = sorted(os.listdir(final))
+    assert len(files) == 7
+    for f in files:                                   # safetensors and JSON alike
+        assert ino(os.path.join(final, f)) in synced, f
+    assert ino(final) in synced                       # the state folder's entries
+    pointer = synced.index(ino(os.path.join(run, "checkpoint.json")))
+    assert synced.index(ino(final)) < pointer
+    assert ino(run) in synced[:pointer]               # the rename into place, before the pointer names it
+    assert ino(run) in synced[pointer + 1:]           # the pointer's own os.replace
+    removed = events.index(("rm", old_state))
+    assert events.index(("fsync", ino(run)), events.index(("fsync", synced[pointer]))) < removed
+
+
+def test_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    p = tmp_path / "f.json"
+    p.write_text("old")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write(str(p), fail)
+    assert p.read_text() == "old" and os.listdir(tmp_path) == ["f.json"]
+    ckpt.atomic_write(str(p), lambda f: f.write(b"new"))
+    assert p.read_text() == "new" and os.listdir(tmp_path) == ["f.json"]
+    assert os.stat(p).st_mode & 0o777 == ckpt.MODE_FILE      # not mkstemp's 0600
 
 
 def test_missing(tmp_path):

