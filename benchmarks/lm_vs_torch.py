@@ -1,6 +1,7 @@
 """lstmkit's language model against the same model in PyTorch: same initial weights, same batches,
-same optimizer (Adam), same clipping, same number of steps.  Reports the validation loss of each
-(they should agree within 1%) and the training throughput of each, measured in the same run.
+same optimizer (Adam), same clipping, same number of steps, trained in lockstep (the side that
+goes first alternates every step).  Reports the validation loss of each (they should agree within
+1%) and the median-step training throughput of each.
 
     python benchmarks/lm_vs_torch.py                            # Tiny Shakespeare, 1x256, 300 steps
     python benchmarks/lm_vs_torch.py --data mujeong --steps 200 --hidden-size 256
@@ -70,46 +71,51 @@ def main():
     print(f"{a.data}: V={tok.vocab_size} E=H={a.hidden_size} L={a.num_layers} T={a.seq_len} B={a.batch_size} "
           f"Adam lr {a.lr} clip {a.grad_clip}, {a.steps} steps; torch threads {torch.get_num_threads()}")
 
-    # lstmkit
-    stream, state, t_ours = BatchStream(train_ids, a.batch_size, a.seq_len), None, 0.0
-    for step in range(a.steps):
-        x, y, start = stream.next()
-        t0 = time.perf_counter()
+    # Both models train in lockstep on the same batches, the side that goes first alternating every
+    # step, so both see the same machine conditions; step 0 of each is not timed (JIT, warm-up).
+    stream = BatchStream(train_ids, a.batch_size, a.seq_len)
+    state, tstate, t_ours, t_torch = None, None, [], []
+
+    def ours_step(x, y, start):
+        nonlocal state
         state = None if start else state
         ours.train()
         ours.zero_grad()
-        loss, state = ours.loss(x, y, state)
+        _, state = ours.loss(x, y, state)
         ours.backward()
         clip_grad_norm(ours.grads, a.grad_clip)
         opt.step(ours.grads)
-        if step > 0:        # step 0 compiles the kernels
-            t_ours += time.perf_counter() - t0
-    val_ours, _ = evaluate(ours, val_ids, a.seq_len)
 
-    # PyTorch
-    stream, state, t_torch = BatchStream(train_ids, a.batch_size, a.seq_len), None, 0.0
-    for step in range(a.steps):
-        x, y, start = stream.next()
-        t0 = time.perf_counter()
-        state = None if start or state is None else tuple(s.detach() for s in state)
+    def torch_step(x, y, start):
+        nonlocal tstate
+        tstate = None if start or tstate is None else tuple(s.detach() for s in tstate)
         twin.train()
         topt.zero_grad()
-        z, state = twin(torch.from_numpy(x), state)
+        z, tstate = twin(torch.from_numpy(x), tstate)
         tl = torch.nn.functional.cross_entropy(z.reshape(-1, tok.vocab_size), torch.from_numpy(y).reshape(-1))
         tl.backward()
         torch.nn.utils.clip_grad_norm_(twin.parameters(), a.grad_clip)
         topt.step()
-        if step > 0:
-            t_torch += time.perf_counter() - t0
+
+    for step in range(a.steps):
+        x, y, start = stream.next()
+        sides = [(ours_step, t_ours), (torch_step, t_torch)]
+        for fn, times in (sides if step % 2 == 0 else sides[::-1]):
+            t0 = time.perf_counter()
+            fn(x, y, start)
+            if step > 0:
+                times.append(time.perf_counter() - t0)
+    val_ours, _ = evaluate(ours, val_ids, a.seq_len)
     twin.eval()
     val_torch = torch_eval(twin, val_ids, a.seq_len)
 
-    tokens = (a.steps - 1) * a.batch_size * a.seq_len
+    tokens = a.batch_size * a.seq_len            # per step
+    med_ours, med_torch = float(np.median(t_ours)), float(np.median(t_torch))
     rel = abs(val_ours - val_torch) / val_torch
     print(f"validation loss  lstmkit {val_ours:.4f} nats ({val_ours / np.log(2):.4f} bits/char)   "
           f"torch {val_torch:.4f} nats ({val_torch / np.log(2):.4f} bits/char)   difference {100 * rel:.2f}%")
-    print(f"throughput       lstmkit {tokens / t_ours:,.0f} tokens/s   torch {tokens / t_torch:,.0f} tokens/s   "
-          f"(ratio {t_torch / t_ours:.2f})")
+    print(f"throughput (median step)  lstmkit {tokens / med_ours:,.0f} tokens/s   torch {tokens / med_torch:,.0f} "
+          f"tokens/s   time ratio lstmkit/torch {med_ours / med_torch:.2f}")
     print("within 1%:", "yes" if rel < 0.01 else "NO")
 
 
