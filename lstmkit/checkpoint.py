@@ -126,6 +126,21 @@ def _write_json(path, obj):
     _write_synced(path, lambda f: f.write(data))
 
 
+def check_output(path, signature: bytes, what: str) -> None:
+    """Refuse an output file we may not replace: its folder must exist, and an existing file must
+    start with signature (an earlier output of ours), so nothing else of the user's is overwritten."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise LMError(f"output folder {d!r} does not exist")
+    if os.path.isdir(path):
+        raise LMError(f"--out {path!r} is a directory; give a file name")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if signature not in head:
+            raise LMError(f"refusing to overwrite {path!r}: it is not {what} (remove it or choose another --out)")
+
+
 def atomic_write_json(path, obj):
     """Write JSON to path through atomic_write (readers see old or new, never half)."""
     data = _json_bytes(obj)

@@ -50,7 +50,8 @@ import time
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_output
+from .config import LMError
 from .modules import LSTM, RNN
 from .optim import Adam, clip_grad_norm
 
@@ -307,20 +308,6 @@ def _positive(cast, minimum):
     return parse
 
 
-def check_output(path, signature, what):
-    """Refuse to overwrite anything that is not an earlier output of ours; the folder must exist."""
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise _UsageError(f"output folder {d!r} does not exist")
-    if os.path.isdir(path):
-        raise _UsageError(f"--out {path!r} is a directory; give a file name")
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            head = f.read(4096)
-        if signature not in head:
-            raise _UsageError(f"refusing to overwrite {path!r}: it is not {what} (remove it or choose another --out)")
-
-
 def build_parser(prog="lstmkit gradient-flow"):
     p = _Parser(prog=prog, description="Gradient flow through an RNN and an LSTM, and a long-range "
                 "memory task on which the RNN fails as the distance grows. Writes one PNG and prints tables.")
@@ -347,7 +334,7 @@ def main(argv=None, prog="lstmkit gradient-flow"):
         check_output(args.out, PNG_SIGNATURE, "a PNG file")
     except SystemExit as e:       # --help
         return int(e.code or 0)
-    except _UsageError as e:
+    except (_UsageError, LMError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     try:

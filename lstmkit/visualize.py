@@ -409,23 +409,9 @@ def build_parser(prog="lstmkit visualize"):
     return p
 
 
-def _check_output(path):
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise _UsageError(f"output folder {d!r} does not exist")
-    if os.path.isdir(path):
-        raise _UsageError(f"--out {path!r} is a directory; give a file name")
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            head = f.read(256)
-        if MARKER not in head:
-            raise _UsageError(f"refusing to overwrite {path!r}: it is not a page written by lstmkit visualize "
-                              "(remove it or choose another --out)")
-
-
 def main(argv=None, prog="lstmkit visualize"):
     """Command-line entry point; returns the exit code."""
-    from .checkpoint import atomic_write, load_checkpoint
+    from .checkpoint import atomic_write, check_output, load_checkpoint
     from .config import LMError
     from .data import read_text
 
@@ -435,7 +421,7 @@ def main(argv=None, prog="lstmkit visualize"):
             raise _UsageError(f"--max-chars must be >= 1, got {args.max_chars}")
         if args.start < 0:
             raise _UsageError(f"--start must be >= 0, got {args.start}")
-        _check_output(args.out)
+        check_output(args.out, MARKER, "a page written by lstmkit visualize")
         model, tokenizer, _ = load_checkpoint(args.ckpt)
         text = read_text(args.text)[args.start:args.start + args.max_chars]
         if not text:

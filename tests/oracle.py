@@ -29,6 +29,21 @@ def weighted_sum(outputs, weights):
     return sum((o * torch.from_numpy(np.array(w))).sum() for o, w in zip(outputs, weights))
 
 
+def numerical_grad(f, a, eps=1e-6):
+    """dF/da by central differences (f(a+ε) - f(a-ε)) / 2ε, perturbing a in place one element at a time."""
+    grad = np.zeros_like(a)
+    flat, gflat = a.reshape(-1), grad.reshape(-1)
+    for k in range(flat.size):
+        old = flat[k]
+        flat[k] = old + eps
+        plus = f()
+        flat[k] = old - eps
+        minus = f()
+        flat[k] = old
+        gflat[k] = (plus - minus) / (2 * eps)
+    return grad
+
+
 def assert_close(ours, theirs, dtype, what):
     theirs = theirs.detach().numpy() if isinstance(theirs, torch.Tensor) else theirs
     assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} vs torch {theirs.shape}"

@@ -12,24 +12,7 @@ import numpy as np
 import pytest
 
 from lstmkit import LSTM, RNN, LSTMCell, RNNCell
-
-EPS = 1e-6
-
-
-def numerical_grad(f, a):
-    """dF/da by central differences, perturbing a in place one element at a time."""
-    grad = np.zeros_like(a)
-    flat, gflat = a.reshape(-1), grad.reshape(-1)
-    for k in range(flat.size):
-        old = flat[k]
-        flat[k] = old + EPS
-        plus = f()
-        flat[k] = old - EPS
-        minus = f()
-        flat[k] = old
-        gflat[k] = (plus - minus) / (2 * EPS)
-    return grad
-
+from oracle import numerical_grad
 
 def _flat(outputs):
     """LSTM (out, (h, c)), RNN (out, h), LSTMCell (h, c), RNNCell h -> a list of arrays."""
