@@ -69,7 +69,8 @@ def _add_train(sub):
     a("--hidden-size", type=int, help=f"default {d.hidden_size}")
     a("--embed-size", type=int, help="default: the hidden size")
     a("--num-layers", type=int, help=f"default {d.num_layers}")
-    a("--dropout", type=float, help=f"between LSTM layers, default {d.dropout}")
+    a("--dropout", type=float, help=f"between LSTM layers, default {C.DEFAULT_DROPOUT} with 2 or more "
+                                    "layers, 0 with one")
     a("--seq-len", type=int, help=f"BPTT length T, default {d.seq_len}")
     a("--batch-size", type=int, help=f"parallel streams B, default {d.batch_size}")
     a("--optimizer", choices=C.OPTIMIZERS, help=f"default {d.optimizer}")

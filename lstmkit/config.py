@@ -2,11 +2,13 @@
 
 `lstmkit train` with no arguments is the main job: a character-level LSTM on the built-in 무정 for
 MAIN_JOB_MINUTES minutes on a 2-core machine.  The model defaults below were chosen by measuring
-(benchmarks/lm_defaults.py): 무정 has ~1,700 distinct characters, so the output softmax (N x H x V
-multiply-adds forward, twice that backward) costs about as much as the LSTM itself.  A 1x256 LSTM
-trains at ~18k tokens/s on an idle 2-core machine (1x512: ~7k; 2x256 about half of 1x256), so in 8
-minutes it sees many passes over the 325k-character novel, and it stays usable when the machine is
-busy; its samples have the novel's names (형식, 영채, 선형), quoted dialogue and sentence endings.
+(benchmarks/lm_defaults.py, BENCHMARKS.md): 무정 has ~1,700 distinct characters, so the output
+softmax (N x H x V multiply-adds forward, twice that backward) costs about as much as the LSTM
+itself.  A 1x256 LSTM trains at ~18k tokens/s on an idle 2-core machine (1x512: ~7k), but the
+novel is only 325k characters: 1x256 passes its best validation (3.82 bits/char) after ~2.5 minutes
+and then overfits (3.97 at 8 minutes).  2x256 with dropout 0.3 between the layers trains at ~12k
+tokens/s and was still improving at 8 minutes (3.77 bits/char), so it is the default; its samples
+have the novel's names (형식, 영채, 선형), quoted dialogue and sentence endings.
 
 Shape letters used across the language-model files:
     V vocabulary size, E embedding size, H hidden size, L num_layers,
@@ -28,6 +30,8 @@ BUILTIN_CORPORA = {"mujeong": "mujeong.txt.gz", "shakespeare": "tinyshakespeare.
 
 # Learning rate used when --lr is not given, per optimizer.  Adagrad's 0.1 is the original 무정
 # experiment's; the others are the usual values for character-level LSTMs.
+DEFAULT_DROPOUT = 0.3      # between layers, when --dropout is not given and there are 2+ layers
+
 DEFAULT_LR = {"sgd": 1.0, "adagrad": 0.1, "rmsprop": 2e-3, "adam": 3e-3}
 
 
@@ -39,8 +43,9 @@ class TrainConfig:
     tokenizer: str = "char"
     embed_size: int = 0             # 0 = same as hidden_size
     hidden_size: int = 256
-    num_layers: int = 1
-    dropout: float = 0.0            # between LSTM layers (torch.nn.LSTM's meaning)
+    num_layers: int = 2
+    dropout: float | None = None    # between LSTM layers (torch.nn.LSTM's meaning); None = DEFAULT_DROPOUT
+                                    # with 2 or more layers, 0 with one (where it would do nothing)
     seq_len: int = 64               # T: steps of backpropagation through time per chunk
     batch_size: int = 32            # B: parallel contiguous streams
     optimizer: str = "adam"
@@ -60,6 +65,10 @@ class TrainConfig:
     sample_temperature: float = 0.8
     seed: int = 1234
 
+    def __post_init__(self):
+        if self.dropout is None:
+            self.dropout = DEFAULT_DROPOUT if self.num_layers >= 2 else 0.0
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -73,9 +82,10 @@ class TrainConfig:
         """Raise TypeError unless d is a dict whose known keys have the types of the defaults."""
         if not isinstance(d, dict):
             raise TypeError(f"expected a dict of hyperparameters, got {type(d).__name__}")
+        defaults = cls()        # resolved defaults: a None default (dropout) has its real type here
         for f in fields(cls):
             if f.name in d:
-                v, default = d[f.name], getattr(cls, f.name)
+                v, default = d[f.name], getattr(defaults, f.name)
                 ok = (isinstance(v, (int, float)) if isinstance(default, float) else isinstance(v, type(default)))
                 if not ok or isinstance(v, bool):
                     raise TypeError(f"{f.name} is {v!r}, expected {type(default).__name__}")

@@ -157,7 +157,7 @@ def test_bad_data(capsys, tmp_path, content, pattern):
     (["--hidden-size", "0"], "--hidden-size must be"),
     (["--num-layers", "-1"], "--num-layers must be"),
     (["--dropout", "1.5"], "--dropout must be"),
-    (["--dropout", "0.3"], "--dropout 0.3 needs --num-layers >= 2"),
+    (["--num-layers", "1", "--dropout", "0.3"], "--dropout 0.3 needs --num-layers >= 2"),
     (["--lr", "-0.1"], "--lr"),
     (["--lr", "nan"], "--lr"),
     (["--val-frac", "0.9"], "--val-frac must be"),
@@ -379,3 +379,19 @@ def test_no_arguments_is_the_mujeong_main_job(tmp_path):
     assert t.cfg.data == "mujeong" and t.cfg.tokenizer == "char" and t.cfg.minutes == MAIN_JOB_MINUTES
     assert 1600 < t.tok.vocab_size < 1700
     assert not (tmp_path / "main").exists()                      # nothing is written before run()
+
+
+def test_dropout_default_follows_the_number_of_layers(capsys, tmp_path, text_file):
+    # The main job is 2 layers with dropout between them; asking for one layer must not trip the
+    # "dropout needs 2 layers" check with a dropout the user never gave.
+    from lstmkit.config import DEFAULT_DROPOUT, TrainConfig, validate
+    main_job = TrainConfig()
+    assert main_job.num_layers == 2 and main_job.dropout == DEFAULT_DROPOUT > 0
+    one = TrainConfig(num_layers=1)
+    assert one.dropout == 0.0
+    validate(one)
+    assert TrainConfig(num_layers=3, dropout=0.1).dropout == 0.1
+    assert TrainConfig.from_dict(TrainConfig(num_layers=1).to_dict()).dropout == 0.0
+    rc, so, se = train(capsys, text_file, str(tmp_path / "one"), "--num-layers", "1", "--steps", "1")
+    assert rc == 0, se
+    assert state_of(str(tmp_path / "one"))["step"] == 1
