@@ -474,18 +474,26 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
                     _lstm_bwd_step(gates[t], c[t], c_prev, dout[t], dh_next, dc, dgates[t])
                 np.matmul(dgates[t], W_hh, out=dh_next)
 
-    # The weight gradients over all steps at once: one product over T*B rows each.
-    dG = dgates.reshape(T * B, G)
-    dx = _mm(dG, W_ih).reshape(T, B, I)
-    dW_ih = _mm(dG.T, x.reshape(T * B, I))
-    # dW_hh = Σ_t da_t^T h_{t-1}: h_{t-1} is h0 for t = 0 and out[t-1] after, so two products
-    # instead of concatenating a (T, B, P) copy of the outputs.
-    dW_hh = _mm(dgates[0].T, h0)
-    if T > 1:
-        dW_hh += _mm(dgates[1:].reshape((T - 1) * B, G).T, h[:-1].reshape((T - 1) * B, P))
-    db = dG.sum(axis=0) if cache["has_bias"] else None
+    dx, dW_ih, dW_hh, db = _input_and_weight_grads(dgates, x, h0, h, W_ih, cache["has_bias"])
     dW_hr = _mm(dh_all.reshape(T * B, P).T, cache["m"].reshape(T * B, H)) if proj else None
     return dx, dh_next, dc, dW_ih, dW_hh, db, dW_hr
+
+
+def _input_and_weight_grads(da, x, h0, h, W_ih, has_bias):
+    """After the backward loop, from the pre-activation gradients da (T, B, G) of every step:
+    dx = da W_ih, dW_ih = Σ_t da_t^T x_t, dW_hh = Σ_t da_t^T h_{t-1}, db = Σ da; each one product
+    over all T*B rows. h_{t-1} is h0 for t = 0 and the output h[t-1] after, so dW_hh is two
+    products instead of concatenating a (T, B, P) copy of the outputs."""
+    T, B, G = da.shape
+    I, P = x.shape[2], h0.shape[1]
+    dA = da.reshape(T * B, G)
+    dx = _mm(dA, W_ih).reshape(T, B, I)
+    dW_ih = _mm(dA.T, x.reshape(T * B, I))
+    dW_hh = _mm(da[0].T, h0)
+    if T > 1:
+        dW_hh += _mm(da[1:].reshape((T - 1) * B, G).T, h[:-1].reshape((T - 1) * B, P))
+    db = dA.sum(axis=0) if has_bias else None
+    return dx, dW_ih, dW_hh, db
 
 
 def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh"):
@@ -525,11 +533,5 @@ def rnn_layer_backward(dout, dh_T, cache):
         for t in range(T - 1, -1, -1):
             _rnn_bwd_step(h[t], dout[t], dh_next, relu, da[t])
             np.matmul(da[t], W_hh, out=dh_next)
-    dA = da.reshape(T * B, H)
-    dx = _mm(dA, W_ih).reshape(T, B, I)
-    dW_ih = _mm(dA.T, x.reshape(T * B, I))
-    dW_hh = _mm(da[0].T, h0)
-    if T > 1:
-        dW_hh += _mm(da[1:].reshape((T - 1) * B, H).T, h[:-1].reshape((T - 1) * B, H))
-    db = dA.sum(axis=0) if cache["has_bias"] else None
+    dx, dW_ih, dW_hh, db = _input_and_weight_grads(da, x, h0, h, W_ih, cache["has_bias"])
     return dx, dh_next, dW_ih, dW_hh, db
