@@ -24,15 +24,15 @@ from . import config as C
 EXIT_USAGE = 2
 
 
-class _UsageError(Exception):
-    pass
+class UsageError(C.LMError):
+    """A command-line mistake: reported as one line on stderr, exit 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports errors as one line (no usage block) and never exits by itself."""
 
     def error(self, message):
-        raise _UsageError(message)
+        raise UsageError(message)
 
 
 def _positive_int(s):
@@ -121,7 +121,7 @@ def _add_eval(sub):
 
 
 def build_parser():
-    p = _Parser(prog="lstmkit", description="LSTM language models in NumPy: train, sample, eval.")
+    p = Parser(prog="lstmkit", description="LSTM language models in NumPy: train, sample, eval.")
     sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,gradient-flow,visualize}")
     _add_train(sub)
     _add_sample(sub)
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
             return 0
         handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.command]
         return handler(args, out, err)
-    except (_UsageError, C.LMError) as e:
+    except C.LMError as e:
         err.write(f"lstmkit: error: {e}\n")
         return EXIT_USAGE
     except OSError as e:   # e.g. no permission to write --out

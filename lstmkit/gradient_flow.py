@@ -44,13 +44,13 @@ and distractor symbols), H hidden size, K largest distance k in the gradient plo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import numpy as np
 
 from .checkpoint import atomic_write, check_output
+from .cli import Parser     # cli imports the lessons only inside main(): no cycle
 from .config import LMError
 from .modules import LSTM, RNN
 from .optim import Adam, clip_grad_norm
@@ -277,15 +277,6 @@ def plot(res, path, dpi=100):
 
 # ---- command line ---------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise _UsageError(message)
-
-
-class _UsageError(Exception):
-    pass
-
-
 def _int_list(text):
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -309,7 +300,7 @@ def _positive(cast, minimum):
 
 
 def build_parser(prog="lstmkit gradient-flow"):
-    p = _Parser(prog=prog, description="Gradient flow through an RNN and an LSTM, and a long-range "
+    p = Parser(prog=prog, description="Gradient flow through an RNN and an LSTM, and a long-range "
                 "memory task on which the RNN fails as the distance grows. Writes one PNG and prints tables.")
     p.add_argument("--out", default="gradient_flow.png", help="PNG file to write (default: %(default)s)")
     p.add_argument("--lengths", type=_int_list, default=[5, 20, 50, 100, 200],
@@ -334,7 +325,7 @@ def main(argv=None, prog="lstmkit gradient-flow"):
         check_output(args.out, PNG_SIGNATURE, "a PNG file")
     except SystemExit as e:       # --help
         return int(e.code or 0)
-    except (_UsageError, LMError) as e:
+    except LMError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     try:

@@ -59,11 +59,7 @@ class Sampler:
         """Feed the prime (or a newline / a random token when there is none); return logits and state."""
         model = self.model
         if prime:
-            missing = self.tok.unknown(prime) if self.tok.kind != "word" else []
-            if missing:
-                shown = " ".join(repr(m) for m in missing[:20]) + (" ..." if len(missing) > 20 else "")
-                raise SampleError(f"the prime text has {len(missing)} symbol(s) not in the model's "
-                                  f"vocabulary: {shown}")
+            self.tok.check_known(prime, "the prime text")
             ids = self.tok.encode(prime)
             if len(ids) == 0:
                 raise SampleError("the prime text has no tokens")

@@ -118,15 +118,22 @@ class Tokenizer:
                 seen[tok] = None
         return list(seen)
 
+    def check_known(self, text: str, what: str = "the text") -> None:
+        """Raise VocabularyError naming (the first 20 of) the symbols of text not in the vocabulary."""
+        missing = self.unknown(text)
+        if missing:
+            shown = " ".join(repr(m) for m in missing[:20]) + (" ..." if len(missing) > 20 else "")
+            raise VocabularyError(f"{what} has {len(missing)} symbol(s) not in the model's vocabulary: {shown}")
+
     def encode(self, text: str) -> np.ndarray:
-        """text -> int64 ids; KeyError-free: raises ValueError listing the symbols not in the vocabulary."""
+        """text -> int64 ids; KeyError-free: raises VocabularyError listing the symbols not in the vocabulary."""
         toks = self.tokenize(text)
         try:
             return np.fromiter((self.index[t] for t in toks), dtype=np.int64, count=len(toks))
         except KeyError:
-            missing = self.unknown(text)
-            shown = " ".join(repr(m) for m in missing[:20]) + (" ..." if len(missing) > 20 else "")
-            raise VocabularyError(f"the text has {len(missing)} symbol(s) not in the model's vocabulary: {shown}") from None
+            pass
+        self.check_known(text)          # a KeyError means some symbol is unknown: this raises
+        raise AssertionError("unreachable")
 
     def decode(self, ids) -> str:
         return self.detokenize([self.vocab[int(i)] for i in ids])
@@ -196,6 +203,9 @@ class WordTokenizer(Tokenizer):
     @classmethod
     def _tokens_for_vocab(cls, text):
         return set(_WORD_RE.findall(text)) | {UNK}
+
+    def check_known(self, text, what="the text"):
+        """Every word is acceptable: words outside the vocabulary become <unk>."""
 
     def encode(self, text):
         toks = self.tokenize(text)

@@ -36,7 +36,6 @@ word model), F text properties.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -44,6 +43,8 @@ import os
 import sys
 
 import numpy as np
+
+from .cli import Parser, UsageError     # cli imports this module only inside main(): no cycle
 
 KINDS = ("c", "h", "i", "f", "g", "o")
 KIND_NAMES = {"c": "cell state c", "h": "hidden state h", "i": "input gate i", "f": "forget gate f",
@@ -385,17 +386,8 @@ update();
 
 # ---- command line ---------------------------------------------------------------------------
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise _UsageError(message)
-
-
 def build_parser(prog="lstmkit visualize"):
-    p = _Parser(prog=prog, description="Write a self-contained HTML page showing a text coloured by the "
+    p = Parser(prog=prog, description="Write a self-contained HTML page showing a text coloured by the "
                 "activations of a trained LSTM's cells, most interpretable cells first, with gate-saturation "
                 "histograms.")
     p.add_argument("ckpt", metavar="CKPT", help="checkpoint: a run directory written by `lstmkit train`")
@@ -418,21 +410,18 @@ def main(argv=None, prog="lstmkit visualize"):
     try:
         args = build_parser(prog).parse_args(argv)
         if args.max_chars < 1:
-            raise _UsageError(f"--max-chars must be >= 1, got {args.max_chars}")
+            raise UsageError(f"--max-chars must be >= 1, got {args.max_chars}")
         if args.start < 0:
-            raise _UsageError(f"--start must be >= 0, got {args.start}")
+            raise UsageError(f"--start must be >= 0, got {args.start}")
         check_output(args.out, MARKER, "a page written by lstmkit visualize")
         model, tokenizer, _ = load_checkpoint(args.ckpt)
         text = read_text(args.text)[args.start:args.start + args.max_chars]
         if not text:
-            raise _UsageError(f"--text {args.text!r} has no characters after --start {args.start}")
-        unknown = tokenizer.unknown(text) if tokenizer.kind != "word" else []
-        if unknown:
-            shown = " ".join(repr(s) for s in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-            raise _UsageError(f"--text has {len(unknown)} symbol(s) not in the model's vocabulary: {shown}")
+            raise UsageError(f"--text {args.text!r} has no characters after --start {args.start}")
+        tokenizer.check_known(text, "--text")
     except SystemExit as e:       # --help
         return int(e.code or 0)
-    except (_UsageError, LMError) as e:
+    except LMError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     page = build_page(model, tokenizer, text, title="Inside the LSTM",
