@@ -269,7 +269,6 @@ class Trainer:
         self.stop_signal = signum
 
     def run(self) -> dict:
-        cfg, model = self.cfg, self.model
         old_handlers = {}
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
