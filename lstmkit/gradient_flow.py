@@ -52,6 +52,7 @@ import numpy as np
 from .checkpoint import atomic_write, check_output
 from .cli import Parser     # cli imports the lessons only inside main(): no cycle
 from .config import LMError
+from .model import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from .modules import LSTM, RNN
 from .optim import Adam, clip_grad_norm
 
@@ -106,14 +107,8 @@ class Classifier:
         out, _ = self.net(x)                                   # (N, B, H)
         h_T = out[-1]
         z = h_T @ self.W.T + self.b                            # (B, S)
-        z -= z.max(axis=1, keepdims=True)                      # stable softmax: exp never overflows
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        B = len(y)
-        loss = -float(np.mean(np.log(p[np.arange(B), y])))
-        dz = p
-        dz[np.arange(B), y] -= 1.0
-        dz /= B
+        loss, ce_cache = softmax_cross_entropy_forward(z, y)
+        dz = softmax_cross_entropy_backward(ce_cache)          # (B, S) = (softmax(z) - onehot(y)) / B
         dout = np.zeros_like(out)
         dout[-1] = dz @ self.W                                 # only the last step has a loss
         self.net.zero_grad()
