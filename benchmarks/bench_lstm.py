@@ -24,6 +24,11 @@ Sizes are (T, B, I, H, layers) = (time steps, batch, input size, hidden size, st
             blocks with mmap (MALLOC_MMAP_THRESHOLD_) so freed memory leaves RSS at once on both
             sides and the peak is the live peak, not allocator retention.
 
+Ratios: lstmkit time / torch time, from the two medians; "paired ratios, middle half" is the
+25th-75th percentile of the ratio within each repeat (the two samples taken back to back). On a
+shared machine the medians drift between rows and runs; the paired spread shows how far a ratio
+can be trusted (a row whose spread straddles a target has not shown that it meets it).
+
 Timing hygiene: a pause between the two sides lets OpenBLAS's and OpenMP's spinning worker threads
 go to sleep, so neither side pays for the other's threads; each timed sample runs long enough
 (>= ~0.2 s) that the timer and scheduler noise are small.
@@ -116,8 +121,10 @@ def _inner_count(fn, target_s=0.2):
 
 
 def race(fns, repeats):
-    """fns: {name: callable}. Alternate the callables, reversing the order every repeat; return
-    {name: median seconds per call}."""
+    """fns: {"ours": callable, "torch": callable}. Alternate them, reversing the order every repeat;
+    return ({name: median seconds per call}, [ours/torch time ratio of each repeat]). The two
+    samples of one repeat are taken back to back, so their ratio is what the machine's drift
+    disturbs least; the spread of those ratios says how far to trust the medians' ratio."""
     for fn in fns.values():   # warm-up: JIT, BLAS threads, oneDNN primitives
         fn()
         fn()
@@ -128,7 +135,14 @@ def race(fns, repeats):
         for k in (names if r % 2 == 0 else names[::-1]):
             time.sleep(PAUSE_S)
             samples[k].append(_time_once(fns[k], inner[k]))
-    return {k: statistics.median(v) for k, v in samples.items()}
+    paired = [o / t for o, t in zip(samples["ours"], samples["torch"])]
+    return {k: statistics.median(v) for k, v in samples.items()}, paired
+
+
+def quartiles(values):
+    """(25th, 75th) percentile: the middle half of the paired ratios."""
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def matmul_peak(repeats=7):
@@ -292,18 +306,20 @@ def main():
     for size in sizes:
         T, B, I, H, L = size
         ours, tl, x, dy = build(*size)
-        tr = race(dict(zip(("ours", "torch"), train_fns(ours, tl, x, dy))), repeats)
+        tr, tr_pairs = race(dict(zip(("ours", "torch"), train_fns(ours, tl, x, dy))), repeats)
         ours.eval()
         tl.eval()
-        fw = race(dict(zip(("ours", "torch"), forward_fns(ours, tl, x))), repeats)
-        ge = race(dict(zip(("ours", "torch"), generation_fns(ours, tl, I))), repeats)
+        fw, fw_pairs = race(dict(zip(("ours", "torch"), forward_fns(ours, tl, x))), repeats)
+        ge, _ = race(dict(zip(("ours", "torch"), generation_fns(ours, tl, I))), repeats)
         ours.train()
         tl.train()
         fl = train_flops(*size)
         row = {
             "size": size,
             "train_ms": {k: v * 1e3 for k, v in tr.items()}, "train_ratio": tr["ours"] / tr["torch"],
+            "train_ratio_iqr": quartiles(tr_pairs), "train_ratio_pairs": tr_pairs,
             "fwd_ms": {k: v * 1e3 for k, v in fw.items()}, "fwd_ratio": fw["ours"] / fw["torch"],
+            "fwd_ratio_pairs": fw_pairs,
             "gen_tok_s": {k: GEN_TOKENS / v for k, v in ge.items()},
             "gen_speedup": ge["torch"] / ge["ours"],
             "train_gflops": {k: fl / v / 1e9 for k, v in tr.items()},
@@ -330,14 +346,16 @@ def main():
 
 
 def _format_row(r):
+    lo, hi = r["train_ratio_iqr"]
     return (f"{r['size']}: train {r['train_ms']['ours']:.2f} vs {r['train_ms']['torch']:.2f} ms "
-            f"(x{r['train_ratio']:.2f}), fwd x{r['fwd_ratio']:.2f}, gen {r['gen_tok_s']['ours']:.0f} vs "
-            f"{r['gen_tok_s']['torch']:.0f} tok/s")
+            f"(x{r['train_ratio']:.2f}, paired {lo:.2f}-{hi:.2f}), fwd x{r['fwd_ratio']:.2f}, "
+            f"gen {r['gen_tok_s']['ours']:.0f} vs {r['gen_tok_s']['torch']:.0f} tok/s")
 
 
 def table(rows, peak):
     """A Markdown table; ratios are lstmkit/torch times (< 1: lstmkit faster), gen is a speedup."""
-    head = ("| T, B, I, H, layers | train ms lstmkit / torch | ratio | fwd ms lstmkit / torch | ratio "
+    head = ("| T, B, I, H, layers | train ms lstmkit / torch | ratio | paired ratios, middle half "
+            "| fwd ms lstmkit / torch | ratio "
             "| gen tok/s lstmkit / torch | speedup | train GFLOP/s lstmkit / torch (% of peak) "
             "| peak MiB lstmkit / torch |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -348,6 +366,7 @@ def table(rows, peak):
         lines.append(
             f"| {', '.join(map(str, r['size']))} "
             f"| {r['train_ms']['ours']:.2f} / {r['train_ms']['torch']:.2f} | {r['train_ratio']:.2f} "
+            f"| {r['train_ratio_iqr'][0]:.2f}-{r['train_ratio_iqr'][1]:.2f} "
             f"| {r['fwd_ms']['ours']:.2f} / {r['fwd_ms']['torch']:.2f} | {r['fwd_ratio']:.2f} "
             f"| {r['gen_tok_s']['ours']:.0f} / {r['gen_tok_s']['torch']:.0f} | {r['gen_speedup']:.1f}x "
             f"| {g['ours']:.1f} ({100 * f['ours']:.0f}%) / {g['torch']:.1f} ({100 * f['torch']:.0f}%) "
