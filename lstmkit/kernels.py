@@ -176,8 +176,12 @@ if AVAILABLE:
     # ------------------------------------------------------------------ LSTM, batch 1, whole layer
     @njit(**_JIT)
     def _dot(w, v):
-        s = w[0] * v[0]
-        for k in range(1, v.shape[0]):
+        # The sum starts from a typed zero and the loop from k = 0. Starting from w[0] * v[0]
+        # and k = 1 (an easy way to get the type) shifts the vector loop by one element and
+        # leaves up to 31 to a scalar tail: measured 2x slower on the (4H, I) and (4H, H)
+        # matrix-vector products of a batch-1 step at H = 128.
+        s = w.dtype.type(0)
+        for k in range(v.shape[0]):
             s += w[k] * v[k]
         return s
 
