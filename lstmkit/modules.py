@@ -55,10 +55,6 @@ def _check_size(name, value):
         raise ValueError(f"{name} must be greater than zero, got {value}")
 
 
-def _shape(a):
-    return tuple(int(s) for s in a.shape)
-
-
 class _Module:
     """What every layer shares: named parameters, their gradients, train/eval, state_dict."""
 
@@ -111,8 +107,8 @@ class _Module:
             if name not in state_dict:
                 continue
             value = np.asarray(state_dict[name])
-            if _shape(value) != param.shape:
-                errors.append(f"size mismatch for {name}: copying a param with shape {_shape(value)} "
+            if value.shape != param.shape:
+                errors.append(f"size mismatch for {name}: copying a param with shape {value.shape} "
                               f"from checkpoint, the shape in current model is {param.shape}.")
             arrays[name] = value
         if errors:
@@ -175,9 +171,12 @@ class _RNNBase(_Module):
         D = 2 if bidirectional else 1
         P = proj_size if proj_size > 0 else hidden_size
         shapes = []
+        # "_l0", "_l0_reverse", ...: built once, since a generating sampler looks them up every step
+        self._suffixes = [[f"_l{layer}" + ("_reverse" if direction == 1 else "") for direction in range(D)]
+                          for layer in range(num_layers)]
         for layer in range(num_layers):
             for direction in range(D):
-                sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                sfx = self._suffixes[layer][direction]
                 layer_input = input_size if layer == 0 else P * D
                 shapes += [("weight_ih" + sfx, (gate_size, layer_input)), ("weight_hh" + sfx, (gate_size, P))]
                 if bias:
@@ -195,7 +194,7 @@ class _RNNBase(_Module):
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
     def _layer_params(self, layer, direction):
-        sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        sfx = self._suffixes[layer][direction]
         p = self._params
         b = p["bias_ih" + sfx] + p["bias_hh" + sfx] if self.bias else None
         return sfx, p["weight_ih" + sfx], p["weight_hh" + sfx], b, p.get("weight_hr" + sfx)
@@ -216,7 +215,7 @@ class _RNNBase(_Module):
             x = x.swapaxes(0, 1)
         if x.shape[0] == 0:
             raise RuntimeError(f"Expected sequence length to be larger than 0 in {self._name}, "
-                               f"got input of shape {_shape(np.asarray(input))}")
+                               f"got input of shape {np.asarray(input).shape}")
         return x, batched
 
     def _prepare_state(self, state, name, size, batched, N):
@@ -227,10 +226,10 @@ class _RNNBase(_Module):
             raise RuntimeError(f"{self._name}: {name} has dtype {s.dtype}, expected {self.dtype} "
                                "like the weights and the input")
         if batched:
-            if _shape(s) != expected:
+            if s.shape != expected:
                 raise RuntimeError(f"Expected {name} size {expected}, got {list(s.shape)}")
             return s
-        if _shape(s) != (expected[0], expected[2]):
+        if s.shape != (expected[0], expected[2]):
             raise RuntimeError(f"Expected {name} size {(expected[0], expected[2])}, got {list(s.shape)}")
         return s[:, None, :]
 
@@ -316,9 +315,9 @@ class _RNNBase(_Module):
 
     def _prepare_grad(self, grad, name, expected, batched):
         g = np.asarray(grad)
-        if _shape(g) != expected:
+        if g.shape != expected:
             raise RuntimeError(f"{self._name}.backward: {name} must have the shape of the forward's "
-                               f"{name.removeprefix('grad_')}, {expected}, got {_shape(g)}")
+                               f"{name.removeprefix('grad_')}, {expected}, got {g.shape}")
         if g.dtype != self.dtype:
             g = g.astype(self.dtype)
         return g
@@ -390,7 +389,7 @@ class LSTM(_RNNBase):
         backend = _backend()
         y, h_n, c_n = self._run_stack(x, h0, c0, backend)
         output = self._finish_output(y, batched)
-        self._ctx = {"batched": batched, "N": N, "out_shape": _shape(output), "backend": backend}
+        self._ctx = {"batched": batched, "N": N, "out_shape": output.shape, "backend": backend}
         return output, (self._state_out(h_n, batched), self._state_out(c_n, batched))
 
     def backward(self, grad_output, grad_hx=None):
@@ -438,7 +437,7 @@ class RNN(_RNNBase):
         backend = _backend()
         y, h_n, _ = self._run_stack(x, h0, None, backend)
         output = self._finish_output(y, batched)
-        self._ctx = {"batched": batched, "N": N, "out_shape": _shape(output), "backend": backend}
+        self._ctx = {"batched": batched, "N": N, "out_shape": output.shape, "backend": backend}
         return output, self._state_out(h_n, batched)
 
     def backward(self, grad_output, grad_h_n=None):
@@ -504,8 +503,8 @@ class _CellBase(_Module):
             return np.zeros((ctx["N"], self.hidden_size), dtype=self.dtype)
         g = np.asarray(grad)
         expected = (ctx["N"], self.hidden_size) if ctx["batched"] else (self.hidden_size,)
-        if _shape(g) != expected:
-            raise RuntimeError(f"{self._name}.backward: {name} must have shape {expected}, got {_shape(g)}")
+        if g.shape != expected:
+            raise RuntimeError(f"{self._name}.backward: {name} must have shape {expected}, got {g.shape}")
         g = g.astype(self.dtype, copy=False)
         return g if ctx["batched"] else g[None]
 
