@@ -24,6 +24,7 @@ TOL = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=1e-4, ato
 # (T, B, I, H, P): P != H means a projection W_hr (P, H).
 LSTM_SHAPES = [
     (1, 1, 3, 4, 4),     # one step, batch 1: the generation path
+    (1, 1, 37, 45, 45),  # generation path with dot products long enough for vector loop + scalar tail
     (6, 1, 5, 8, 8),     # batch 1 over many steps
     (5, 1, 4, 6, 3),     # batch 1 with projection
     (1, 3, 4, 5, 5),     # one step, batched
