@@ -37,7 +37,6 @@ go to sleep, so neither side pays for the other's threads; each timed sample run
 import argparse
 import ctypes
 import gc
-import glob
 import json
 import os
 import platform
@@ -62,26 +61,19 @@ PAUSE_S = 0.15
 
 # ----------------------------------------------------------------------------- environment
 def _openblas():
-    """numpy's OpenBLAS (thread count, core type), through its exported C functions."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        out = {"library": os.path.basename(path)}
-        for suffix in ("64_", "", "_64"):
-            get = getattr(lib, f"scipy_openblas_get_num_threads{suffix}", None) or \
-                getattr(lib, f"openblas_get_num_threads{suffix}", None)
-            core = getattr(lib, f"scipy_openblas_get_corename{suffix}", None) or \
-                getattr(lib, f"openblas_get_corename{suffix}", None)
-            if get is not None:
-                out["threads"] = get()
-                if core is not None:
-                    core.restype = ctypes.c_char_p
-                    out["core"] = core().decode()
-                return out
-    return {"library": "unknown", "threads": "unknown"}
+    """numpy's OpenBLAS (library, thread count, core type), found the way lstmkit.kernels finds it."""
+    from lstmkit.kernels import _find_openblas
+    found = _find_openblas()
+    if found is None:
+        return {"library": "unknown", "threads": "unknown"}
+    lib, prefix, suffix = found
+    out = {"library": os.path.basename(lib._name),
+           "threads": getattr(lib, f"{prefix}_get_num_threads{suffix}")()}
+    core = getattr(lib, f"{prefix}_get_corename{suffix}", None)
+    if core is not None:
+        core.restype = ctypes.c_char_p
+        out["core"] = core().decode()
+    return out
 
 
 def _cpu_model():

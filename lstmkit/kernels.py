@@ -319,6 +319,8 @@ SMALL_PRODUCT = 1 << 21
 
 
 def _find_openblas():
+    """NumPy's OpenBLAS as (ctypes library, symbol prefix, symbol suffix), or None: its exported
+    names differ between builds (scipy_openblas_..._64_, openblas_..., ...)."""
     import ctypes
     import glob
     import os
@@ -335,15 +337,23 @@ def _find_openblas():
             continue
         for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
                                ("openblas", "")):
-            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if get is not None and set_ is not None:
-                return get, set_
+            if hasattr(lib, f"{prefix}_get_num_threads{suffix}") and \
+                    hasattr(lib, f"{prefix}_set_num_threads{suffix}"):
+                return lib, prefix, suffix
     return None
 
 
+def _blas_thread_functions():
+    """(get_num_threads, set_num_threads) of NumPy's OpenBLAS, or None."""
+    found = _find_openblas()
+    if found is None:
+        return None
+    lib, prefix, suffix = found
+    return getattr(lib, f"{prefix}_get_num_threads{suffix}"), getattr(lib, f"{prefix}_set_num_threads{suffix}")
+
+
 try:
-    _BLAS_THREADS = _find_openblas()
+    _BLAS_THREADS = _blas_thread_functions()
 except Exception:  # noqa: BLE001 - thread control is an optimisation, never a requirement
     _BLAS_THREADS = None
 
