@@ -35,6 +35,17 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def write_output(prog, path, write) -> bool:
+    """Call write(), which writes the file `path`; if that fails, report it as one line on stderr
+    (`prog: error: cannot write 'path': reason`) and return False. For the lessons' outputs."""
+    try:
+        write()
+    except OSError as e:
+        print(f"{prog}: error: cannot write {path!r}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
+
+
 def _positive_int(s):
     v = int(s)
     if v < 1:

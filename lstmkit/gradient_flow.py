@@ -50,7 +50,7 @@ import time
 import numpy as np
 
 from .checkpoint import atomic_write, check_output
-from .cli import Parser     # cli imports the lessons only inside main(): no cycle
+from .cli import Parser, write_output     # cli imports the lessons only inside main(): no cycle
 from .config import LMError
 from .model import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from .modules import LSTM, RNN
@@ -339,10 +339,7 @@ def _run_main(args, prog):
               log=lambda s: print(s, flush=True))
     print()
     print(format_tables(res))
-    try:
-        plot(res, args.out)
-    except OSError as e:
-        print(f"{prog}: error: cannot write {args.out!r}: {e.strerror or e}", file=sys.stderr)
+    if not write_output(prog, args.out, lambda: plot(res, args.out)):
         return 1
     print(f"\nwrote {args.out} ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -44,7 +44,7 @@ import sys
 
 import numpy as np
 
-from .cli import Parser, UsageError     # cli imports this module only inside main(): no cycle
+from .cli import Parser, UsageError, write_output     # cli imports this module only inside main(): no cycle
 
 KINDS = ("c", "h", "i", "f", "g", "o")
 KIND_NAMES = {"c": "cell state c", "h": "hidden state h", "i": "input gate i", "f": "forget gate f",
@@ -427,10 +427,8 @@ def main(argv=None, prog="lstmkit visualize"):
     page = build_page(model, tokenizer, text, title="Inside the LSTM",
                       source=f"{os.path.basename(os.path.abspath(args.ckpt))} reading {os.path.basename(args.text)}:")
     data = page.encode("utf-8")
-    try:
-        atomic_write(args.out, lambda f: f.write(data))   # a reader never sees half a page
-    except OSError as e:
-        print(f"{prog}: error: cannot write {args.out!r}: {e.strerror or e}", file=sys.stderr)
+    # atomic: a reader never sees half a page
+    if not write_output(prog, args.out, lambda: atomic_write(args.out, lambda f: f.write(data))):
         return 1
     print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB): open it in a browser")
     return 0

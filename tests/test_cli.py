@@ -395,3 +395,14 @@ def test_dropout_default_follows_the_number_of_layers(capsys, tmp_path, text_fil
     rc, so, se = train(capsys, text_file, str(tmp_path / "one"), "--num-layers", "1", "--steps", "1")
     assert rc == 0, se
     assert state_of(str(tmp_path / "one"))["step"] == 1
+
+
+def test_write_output_reports_a_failed_write_as_one_line(capsys, tmp_path):
+    from lstmkit.cli import write_output
+    target = tmp_path / "missing_dir" / "out.png"
+    assert write_output("lesson", str(target), lambda: open(target, "wb").close()) is False
+    err = capsys.readouterr().err
+    assert err == f"lesson: error: cannot write {str(target)!r}: No such file or directory\n"
+    ok = tmp_path / "ok.png"
+    assert write_output("lesson", str(ok), lambda: ok.write_bytes(b"x")) is True
+    assert ok.read_bytes() == b"x" and capsys.readouterr().err == ""
