@@ -57,6 +57,9 @@ try:
     from numba.core import types
     from numba.extending import overload
 
+    from . import jit_cache
+
+    jit_cache.install()     # compiled kernels go to a per-user cache, never into the installed package
     AVAILABLE = True
 except ImportError:  # the reference in functional.py is used instead
     AVAILABLE = False
