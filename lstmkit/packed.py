@@ -106,7 +106,8 @@ def packed_layer_forward(forward, x, states, params, batch_sizes):
     state = [np.array(s) for s in states]            # running state; rows [:n] advance per call
     out, caches = None, []
     for t0, t1, n in segments(bs):
-        result = forward(x[t0:t1, :n], *(s[:n] for s in state), *params)
+        # Copies: the layer's cache keeps its initial state, and `state` is overwritten below.
+        result = forward(x[t0:t1, :n], *(s[:n].copy() for s in state), *params)
         seg_out, seg_final, cache = result[0], result[1:-1], result[-1]
         if out is None:
             out = np.zeros((T, B) + seg_out.shape[2:], seg_out.dtype)

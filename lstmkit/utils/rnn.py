@@ -72,6 +72,8 @@ def invert_permutation(permutation):
 def _as_lengths(lengths):
     """lengths as a 1-D int64 array, or torch's exception type for what is wrong with it."""
     arr = np.asarray(lengths)
+    if arr.size == 0 and arr.dtype.kind == "f":
+        arr = arr.astype(np.int64)       # [] comes out of NumPy as float64; it holds no fraction
     if arr.dtype.kind not in "iu":
         # torch converts with int64 semantics and truncates floats; silently dropping a fraction
         # of a length hides a bug, so anything but integers is refused.
