@@ -8,10 +8,18 @@ For each parameter p with gradient g, at step t = 1, 2, ... and learning rate lr
     RMSprop:  v = α v + (1-α) g²;               p -= lr g / (√v + ε)
     Adam:     m = β1 m + (1-β1) g;  v = β2 v + (1-β2) g²;
               p -= (lr / (1-β1^t)) m / (√v / √(1-β2^t) + ε)
+Weight decay wd (on weight matrices and embeddings, never biases: parameters with 2 or more axes):
+    Adam:     decoupled, as torch.optim.AdamW:  p -= lr wd p  before the update above
+    others:   L2, as torch.optim's weight_decay: g = g + wd p   before the update
 Clipping, before the update:
     by global norm:  ‖g‖ = √(Σ_p Σ g²);  if ‖g‖ > c: g *= c / ‖g‖        (all parameters together)
     elementwise:     g = clip(g, -c, c)                                    (min-char-rnn's)
-Learning-rate decay (step decay):  lr_t = lr · decay^⌊t / every⌋.
+Learning-rate schedules, t = updates already done, W warm-up steps, progress u in [0, 1] (the
+share of the run's budget used after warm-up, in steps or in time):
+    warm-up (t < W):  lr_t = lr · (t + 1) / W
+    constant:         lr_t = lr
+    step:             lr_t = lr · decay^⌊t / every⌋
+    cosine:           lr_t = min_lr + (lr - min_lr) · (1 + cos(π u)) / 2
 """
 
 from __future__ import annotations
@@ -27,11 +35,14 @@ class Optimizer:
     name = ""
     slots: tuple[str, ...] = ()
 
-    def __init__(self, params: dict, lr: float):
+    decoupled_decay = False     # AdamW's p -= lr wd p instead of torch's L2 (g += wd p)
+
+    def __init__(self, params: dict, lr: float, weight_decay: float = 0.0):
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"learning rate must be a number > 0, got {lr}")
         self.params = params
         self.lr = lr
+        self.weight_decay = weight_decay
         self.t = 0
         self.state = {slot: {k: np.zeros_like(p) for k, p in params.items()} for slot in self.slots}
 
@@ -39,7 +50,13 @@ class Optimizer:
         self.t += 1
         lr = self.lr if lr is None else lr
         for k, p in self.params.items():
-            self._update(k, p, grads[k], lr)
+            g = grads[k]
+            if self.weight_decay and p.ndim >= 2:
+                if self.decoupled_decay:
+                    p *= 1.0 - lr * self.weight_decay
+                else:
+                    g = g + self.weight_decay * p
+            self._update(k, p, g, lr)
 
     def _update(self, k, p, g, lr):
         raise NotImplementedError
@@ -71,10 +88,10 @@ class Optimizer:
 class SGD(Optimizer):
     name = "sgd"
 
-    def __init__(self, params, lr, momentum=0.0):
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
         self.momentum = momentum
         self.slots = ("momentum",) if momentum > 0 else ()
-        super().__init__(params, lr)
+        super().__init__(params, lr, weight_decay)
 
     def _update(self, k, p, g, lr):
         if self.momentum > 0:
@@ -90,8 +107,8 @@ class Adagrad(Optimizer):
     name = "adagrad"
     slots = ("sum",)
 
-    def __init__(self, params, lr, eps=1e-10):
-        super().__init__(params, lr)
+    def __init__(self, params, lr, eps=1e-10, weight_decay=0.0):
+        super().__init__(params, lr, weight_decay)
         self.eps = eps
 
     def _update(self, k, p, g, lr):
@@ -104,8 +121,8 @@ class RMSprop(Optimizer):
     name = "rmsprop"
     slots = ("square_avg",)
 
-    def __init__(self, params, lr, alpha=0.99, eps=1e-8):
-        super().__init__(params, lr)
+    def __init__(self, params, lr, alpha=0.99, eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr, weight_decay)
         self.alpha, self.eps = alpha, eps
 
     def _update(self, k, p, g, lr):
@@ -118,9 +135,10 @@ class RMSprop(Optimizer):
 class Adam(Optimizer):
     name = "adam"
     slots = ("exp_avg", "exp_avg_sq")
+    decoupled_decay = True
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
-        super().__init__(params, lr)
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr, weight_decay)
         self.beta1, self.beta2 = betas
         self.eps = eps
 
@@ -137,15 +155,16 @@ class Adam(Optimizer):
         p -= (lr / bc1) * m / denom
 
 
-def make_optimizer(name: str, params: dict, lr: float, momentum: float = 0.9) -> Optimizer:
+def make_optimizer(name: str, params: dict, lr: float, momentum: float = 0.9, *, betas=(0.9, 0.999),
+                   weight_decay: float = 0.0) -> Optimizer:
     if name == "sgd":
-        return SGD(params, lr, momentum=momentum)
+        return SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adagrad":
-        return Adagrad(params, lr)
+        return Adagrad(params, lr, weight_decay=weight_decay)
     if name == "rmsprop":
-        return RMSprop(params, lr)
+        return RMSprop(params, lr, weight_decay=weight_decay)
     if name == "adam":
-        return Adam(params, lr)
+        return Adam(params, lr, betas=betas, weight_decay=weight_decay)
     raise ValueError(f"optimizer must be one of sgd, adagrad, rmsprop, adam, got {name!r}")
 
 
@@ -172,3 +191,17 @@ def clip_grad_value(grads: dict, clip: float) -> None:
 def decayed_lr(lr: float, step: int, decay: float, every: int) -> float:
     """lr · decay^⌊step / every⌋ (step counts the updates already done)."""
     return lr * decay ** (step // every)
+
+
+def scheduled_lr(lr: float, step: int, schedule: str = "constant", *, warmup: int = 0, progress: float = 0.0,
+                 decay: float = 1.0, every: int = 1, min_lr: float = 0.0) -> float:
+    """The learning rate of update number step + 1 (see the module docstring); progress in [0, 1] is
+    the share of the budget used after warm-up, which only the cosine schedule reads."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "step":
+        return decayed_lr(lr, step, decay, every)
+    if schedule == "cosine":
+        u = min(max(progress, 0.0), 1.0)
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * u))
+    return lr

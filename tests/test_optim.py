@@ -86,3 +86,46 @@ def test_bad_lr_and_name():
         Adam({"w": np.zeros(1)}, 0.0)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         make_optimizer("lbfgs", {"w": np.zeros(1)}, 0.1)
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (lambda p: Adam(p, 0.01, betas=(0.8, 0.99), weight_decay=0.1),
+     lambda w, b: torch.optim.AdamW([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+                                    lr=0.01, betas=(0.8, 0.99))),
+    (lambda p: SGD(p, 0.1, momentum=0.9, weight_decay=0.1),
+     lambda w, b: torch.optim.SGD([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+                                  lr=0.1, momentum=0.9)),
+    (lambda p: RMSprop(p, 0.01, weight_decay=0.1),
+     lambda w, b: torch.optim.RMSprop([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
+                                      lr=0.01)),
+], ids=["adamw-betas", "sgd-l2", "rmsprop-l2"])
+def test_weight_decay_matches_torch_on_matrices_and_spares_biases(ours, theirs):
+    rng = np.random.default_rng(2)
+    params = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    tw, tb = (torch.tensor(params[k].copy(), requires_grad=True) for k in ("w", "b"))
+    opt, topt = ours(params), theirs(tw, tb)
+    for _ in range(5):
+        grads = {"w": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+        tw.grad, tb.grad = torch.from_numpy(grads["w"].copy()), torch.from_numpy(grads["b"].copy())
+        opt.step(grads)
+        topt.step()
+    np.testing.assert_allclose(params["w"], tw.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(params["b"], tb.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_schedules():
+    from lstmkit.optim import scheduled_lr
+    assert [scheduled_lr(1.0, t, "constant", warmup=4) for t in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert scheduled_lr(0.1, 25, "step", decay=0.5, every=10) == pytest.approx(0.025)
+    assert scheduled_lr(1.0, 10, "cosine", progress=0.0, min_lr=0.1) == pytest.approx(1.0)
+    assert scheduled_lr(1.0, 10, "cosine", progress=0.5, min_lr=0.1) == pytest.approx(0.55)
+    assert scheduled_lr(1.0, 10, "cosine", progress=1.0, min_lr=0.1) == pytest.approx(0.1)
+    assert scheduled_lr(1.0, 10, "cosine", progress=2.0, min_lr=0.1) == pytest.approx(0.1)   # past the budget
+    # torch's CosineAnnealingLR gives the same curve
+    p = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20, eta_min=0.1)
+    for t in range(20):
+        assert scheduled_lr(1.0, t, "cosine", progress=t / 20, min_lr=0.1) == pytest.approx(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
