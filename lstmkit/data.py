@@ -9,7 +9,7 @@ Batches, as char-rnn makes them: the N ids are cut into B contiguous streams of 
 and the streams are walked in chunks of T, each chunk's targets one step ahead of its inputs,
     x_k = streams[:, kT : kT+T].T,  y_k = streams[:, kT+1 : kT+T+1].T          (T, B)
 so that stream b of chunk k+1 continues stream b of chunk k and the LSTM's h and c are carried
-from chunk to chunk.  An epoch has K = (S - 1) // T chunks; after the last, the walk restarts at
+from chunk to chunk.  Scoring reads a text as one stream (stream_chunks), never as B.  An epoch has K = (S - 1) // T chunks; after the last, the walk restarts at
 k = 0 with fresh (zero) states.
 
 Shape letters: N number of ids, B batch size (streams), S stream length, T chunk length, K chunks.
@@ -123,14 +123,11 @@ class BatchStream:
         self.epoch, self.chunk = int(d["epoch"]), int(d["chunk"])
 
 
-def eval_chunks(ids: np.ndarray, batch_size: int, seq_len: int):
-    """All (x, y) chunks covering a text once, as B streams; the last chunk may be shorter than T.
-
-    Yields (x, y) of shape (t, B), t <= T, in order (carry h, c between them).  Every id but the first
-    of each stream and the N - B*S dropped at the end is predicted exactly once."""
-    batch_size = max(1, min(batch_size, len(ids) // 2))
-    streams = make_streams(ids, batch_size)
-    S = streams.shape[1]
-    for t0 in range(0, S - 1, seq_len):
-        t1 = min(t0 + seq_len, S - 1)
-        yield (np.ascontiguousarray(streams[:, t0:t1].T), np.ascontiguousarray(streams[:, t0 + 1: t1 + 1].T))
+def stream_chunks(ids: np.ndarray, seq_len: int):
+    """The text as ONE stream in chunks of at most T: yields (x, y), each (t, 1) with t <= T, the
+    targets one step ahead; carried state between them makes every id but the first predicted once,
+    from all the ids before it (evaluate.py)."""
+    ids = np.asarray(ids)
+    for t0 in range(0, len(ids) - 1, seq_len):
+        t1 = min(t0 + seq_len, len(ids) - 1)
+        yield ids[t0:t1, None], ids[t0 + 1:t1 + 1, None]

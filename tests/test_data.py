@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lstmkit.data import BatchStream, DataError, eval_chunks, read_text, split_train_val
+from lstmkit.data import BatchStream, DataError, read_text, stream_chunks, split_train_val
 
 
 def write(tmp_path, data: bytes, name="t.txt"):
@@ -80,9 +80,9 @@ def test_text_shorter_than_one_batch():
     BatchStream(np.arange(44), batch_size=4, seq_len=10)
 
 
-def test_eval_chunks_predict_every_id_once():
+def test_stream_chunks_predict_every_id_but_the_first_once_in_order():
     ids = np.arange(103)
-    targets = np.concatenate([y.T.reshape(-1) for _, y in eval_chunks(ids, 4, 7)])
-    S = 103 // 4
-    expected = [b * S + s for b in range(4) for s in range(1, S)]
-    assert sorted(targets) == sorted(expected)
+    chunks = list(stream_chunks(ids, 7))
+    assert all(x.shape == y.shape and x.shape[1] == 1 and x.shape[0] <= 7 for x, y in chunks)
+    np.testing.assert_array_equal(np.concatenate([y[:, 0] for _, y in chunks]), ids[1:])
+    np.testing.assert_array_equal(np.concatenate([x[:, 0] for x, _ in chunks]), ids[:-1])
