@@ -2,9 +2,12 @@
 
     lstmkit train                                  the main job: a char LSTM on the built-in 무정
     lstmkit train --data FILE --out DIR ...        any UTF-8 text (see `lstmkit train -h`)
-    lstmkit train --resume DIR [--steps N]         continue a saved run exactly where it stopped
-    lstmkit sample DIR [--length N --temperature T --top-k K --top-p P --greedy --prime TEXT --seed S]
-    lstmkit eval DIR --data FILE [--json]          bits per character (char, jamo) or perplexity (word)
+    lstmkit train --resume DIR [--steps N]         continue a saved run exactly where it stopped (N more steps)
+    lstmkit train --init-from DIR --data FILE      start from a trained model on new text (fine-tuning)
+    lstmkit sample DIR [--length N --temperature T --top-k K --top-p P --greedy --prime TEXT --seed S
+                        -n N --out FILE --last]
+    lstmkit eval DIR --data FILE [--json --unknown skip|error --last]
+                                                   bits per character (char, jamo) or perplexity (word)
 
 Bad input (a missing or undecodable file, a bad hyperparameter, a broken checkpoint, ...) prints one
 line `lstmkit: error: ...` on stderr and exits with status 2, writing nothing; a training run that
@@ -19,6 +22,7 @@ import os
 import sys
 import time
 
+from . import __version__
 from . import config as C
 
 EXIT_USAGE = 2
@@ -88,15 +92,26 @@ def _add_train(sub):
     a("--lr", type=_positive_float, help="learning rate (default per optimizer: "
       + ", ".join(f"{k} {v:g}" for k, v in C.DEFAULT_LR.items()) + ")")
     a("--momentum", type=float, help=f"SGD momentum, default {d.momentum}")
-    a("--lr-decay", type=float, help=f"multiply the lr by this every --lr-decay-every steps, default {d.lr_decay}")
-    a("--lr-decay-every", type=int, help=f"default {d.lr_decay_every}")
+    a("--beta1", type=float, help=f"Adam's beta1, default {d.beta1}")
+    a("--beta2", type=float, help=f"Adam's beta2, default {d.beta2}")
+    a("--weight-decay", type=float, help="weight decay on weight matrices and the embedding (not biases); "
+                                         f"with adam it is AdamW's decoupled decay, default {d.weight_decay:g}")
+    a("--lr-schedule", choices=C.LR_SCHEDULES, help="constant; step (x --lr-decay every --lr-decay-every "
+                                                   "steps); cosine (down to --min-lr over the run's budget); "
+                                                   f"default {d.lr_schedule}, or step when --lr-decay is given")
+    a("--lr-decay", type=float, help=f"the step schedule's factor, default {d.lr_decay}")
+    a("--lr-decay-every", type=int, help=f"the step schedule's period in steps, default {d.lr_decay_every}")
+    a("--warmup-steps", type=int, help=f"linear learning-rate warm-up, default {d.warmup_steps}")
+    a("--min-lr", type=float, help="where the cosine schedule ends, default lr / 10")
     a("--grad-clip", type=float, help=f"0 = off, default {d.grad_clip}")
     a("--clip-mode", choices=C.CLIP_MODES, help=f"global L2 norm or elementwise, default {d.clip_mode}")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=_positive_int, help="total optimizer steps")
-    g.add_argument("--epochs", type=_positive_float, help="passes over the training text")
+    g.add_argument("--steps", type=_positive_int, help="optimizer steps to train (with --resume: this many more)")
+    g.add_argument("--epochs", type=_positive_float, help="passes over the training text (with --resume: more)")
     g.add_argument("--minutes", type=_positive_float,
-                   help=f"minutes of training (the default when none of these is given: {C.MAIN_JOB_MINUTES:g})")
+                   help=f"minutes of training (with --resume: this many more; the default when none of "
+                        f"--steps/--epochs/--minutes is given: {C.MAIN_JOB_MINUTES:g}, or, on --resume, "
+                        f"whatever the run's budget has left)")
     a("--val-frac", type=float, help=f"held-out tail for validation, default {d.val_frac}")
     a("--eval-every", type=int, help=f"validate and checkpoint every N steps, default {d.eval_every}")
     a("--sample-every", type=int, help=f"print a sample every N steps (0 = only the final one), "
@@ -104,15 +119,31 @@ def _add_train(sub):
     a("--sample-length", type=int, help=f"tokens per printed sample, default {d.sample_length}")
     a("--sample-temperature", type=float, help=f"default {d.sample_temperature}")
     a("--seed", type=int, help=f"initialisation seed, default {d.seed}")
-    a("--resume", metavar="DIR", help="continue the run saved in DIR (its hyperparameters are kept)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its hyperparameters are "
+                                                       "kept); --out defaults to DIR")
+    start.add_argument("--init-from", metavar="DIR", help="start from the weights and vocabulary of the run in DIR "
+                                                          "(its best state) and train on --data as a new run: "
+                                                          "the model's shape and tokenizer are the checkpoint's, "
+                                                          "and a text with symbols outside its vocabulary is refused")
     a("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _add_which(p):
+    p.add_argument("--last", dest="which", action="store_const", const="last", default="best",
+                   help="use the run's last state (default: its best by validation, or the last when the "
+                        "run has no validation)")
 
 
 def _add_sample(sub):
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     a = p.add_argument
     a("ckpt", metavar="CKPT", help="a checkpoint directory (a run's --out)")
+    _add_which(p)
+    a("-n", "--num-samples", type=_positive_int, default=C.NUM_SAMPLES,
+      help=f"how many samples, separated by a line '-----', default {C.NUM_SAMPLES}")
+    a("--out", metavar="FILE", help="write the samples to FILE (a new file) instead of standard output")
     a("--length", type=int, default=C.SAMPLE_LENGTH, help=f"tokens to generate, default {C.SAMPLE_LENGTH}")
     a("--temperature", type=float, default=C.SAMPLE_TEMPERATURE, help=f"default {C.SAMPLE_TEMPERATURE}")
     a("--top-k", type=int, default=C.SAMPLE_TOP_K, help="keep the k most likely tokens (0 = off)")
@@ -126,13 +157,18 @@ def _add_sample(sub):
 def _add_eval(sub):
     p = sub.add_parser("eval", help="score a text with a checkpoint")
     p.add_argument("ckpt", metavar="CKPT", help="a checkpoint directory")
+    _add_which(p)
     p.add_argument("--data", required=True, help="a UTF-8 text file or a built-in corpus name")
+    p.add_argument("--unknown", choices=C.UNKNOWN_MODES, default="skip",
+                   help="symbols the model's vocabulary lacks: skip (leave them out and count them; words "
+                        "become <unk>) or error, default skip")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
 def build_parser():
     p = Parser(prog="lstmkit", description="LSTM language models in NumPy: train, sample, eval.")
+    p.add_argument("--version", action="version", version=f"lstmkit {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,gradient-flow,visualize}")
     _add_train(sub)
     _add_sample(sub)
@@ -159,6 +195,8 @@ def cmd_train(args, out, err) -> int:
         v = getattr(args, f, None)
         if v is not None:
             overrides[f] = v
+    if "lr_decay" in overrides and "lr_schedule" not in overrides:
+        overrides["lr_schedule"] = "step"       # --lr-decay alone asks for the step schedule
     if args.resume is not None:
         cfg = C.TrainConfig()
         out_dir = args.out or args.resume
@@ -167,7 +205,7 @@ def cmd_train(args, out, err) -> int:
         if cfg.embed_size == 0 and args.embed_size is not None:
             raise C.ConfigError("--embed-size must be an integer >= 1, got 0")
         out_dir = args.out or _default_out(cfg.data)
-    trainer = Trainer(cfg, out_dir, resume=args.resume, overrides=overrides,
+    trainer = Trainer(cfg, out_dir, resume=args.resume, init_from=args.init_from, overrides=overrides,
                       progress=not args.no_progress, out=out, err=err)
     try:
         result = trainer.run()
@@ -179,34 +217,54 @@ def cmd_train(args, out, err) -> int:
     return 0
 
 
+SAMPLE_SEPARATOR = "-----"
+
+
 def cmd_sample(args, out, err) -> int:
-    from .checkpoint import load_checkpoint
+    import numpy as np
+
+    from .checkpoint import atomic_write, load_checkpoint
+    from .data import normalize_text
     from .sample import Sampler
     C.validate_sampling(args.length, args.temperature, args.top_k, args.top_p, args.seed)
-    model, tok, _ = load_checkpoint(args.ckpt)
-    from .data import normalize_text
-    Sampler(model, tok).generate(args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 greedy=args.greedy, prime=normalize_text(args.prime), seed=args.seed,
-                                 on_text=lambda s: (out.write(s), out.flush()))
-    out.write("\n")
+    if args.out is not None and os.path.lexists(args.out):
+        raise UsageError(f"--out {args.out!r} exists; choose a new file name (nothing is overwritten)")
+    model, tok, _ = load_checkpoint(args.ckpt, which=args.which)
+    rng = np.random.default_rng(args.seed)       # one stream of draws: sample 1 is the same for any -n
+    sampler, prime = Sampler(model, tok), normalize_text(args.prime)
+    if args.out is None:
+        for i in range(args.num_samples):
+            if i:
+                out.write(f"{SAMPLE_SEPARATOR}\n")
+            sampler.generate(args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             greedy=args.greedy, prime=prime, seed=rng, on_text=lambda s: (out.write(s), out.flush()))
+            out.write("\n")
+        return 0
+    texts = [sampler.generate(args.length, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              greedy=args.greedy, prime=prime, seed=rng) for _ in range(args.num_samples)]
+    data = f"\n{SAMPLE_SEPARATOR}\n".join(texts).encode("utf-8") + b"\n"
+    atomic_write(args.out, lambda f: f.write(data))
+    err.write(f"lstmkit: wrote {args.num_samples} sample(s) to {args.out}\n")
     return 0
 
 
 def cmd_eval(args, out, err) -> int:
     from .checkpoint import load_checkpoint
     from .data import read_text
-    from .train import score_text
-    model, tok, _ = load_checkpoint(args.ckpt)
+    from .evaluate import score_text, unknown_text
+    model, tok, _ = load_checkpoint(args.ckpt, which=args.which)
     text = read_text(args.data)
-    res = score_text(model, tok, text)
+    res = score_text(model, tok, text, unknown=args.unknown)
     if args.json:
-        out.write(json.dumps(res) + "\n")
-    elif "perplexity" in res:
-        out.write(f"{args.data}: perplexity {res['perplexity']:.3f} ({res['loss_nats']:.4f} nats/token, "
-                  f"{res['tokens']} tokens)\n")
-    else:
-        out.write(f"{args.data}: {res['bits_per_char']:.4f} bits/char ({res['loss_nats']:.4f} nats/token, "
-                  f"{res['tokens']} tokens)\n")
+        out.write(json.dumps(res, ensure_ascii=False) + "\n")
+        return 0
+    score = (f"perplexity {res['perplexity']:.3f}" if "perplexity" in res else
+             f"{res['bits_per_char']:.4f} bits/char")
+    unknown = ""
+    if res["unknown"]:
+        what = "read as <unk>" if tok.kind == "word" else "skipped"
+        unknown = f"; {res['unknown']} unknown token(s) {what}: {unknown_text(res['unknown_symbols'])}"
+    out.write(f"{args.data}: {score} ({res['loss_nats']:.4f} nats/token, {res['tokens']} tokens{unknown})\n")
     return 0
 
 

@@ -26,6 +26,8 @@ MAIN_JOB_MINUTES = 8.0      # time budget of `lstmkit train` when no --steps/--e
 TOKENIZERS = ("char", "jamo", "word")
 OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adam")
 CLIP_MODES = ("norm", "value")
+LR_SCHEDULES = ("constant", "step", "cosine")
+UNKNOWN_MODES = ("skip", "error")
 BUILTIN_CORPORA = {"mujeong": "mujeong.txt.gz", "shakespeare": "tinyshakespeare.txt.gz"}
 
 # Learning rate used when --lr is not given, per optimizer.  Adagrad's 0.1 is the original 무정
@@ -51,13 +53,19 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 0.0                 # 0 = DEFAULT_LR[optimizer]
     momentum: float = 0.9           # SGD only
-    lr_decay: float = 1.0           # multiply lr by this every lr_decay_every steps (1.0 = constant)
+    beta1: float = 0.9              # Adam's betas (torch.optim.Adam's defaults)
+    beta2: float = 0.999
+    weight_decay: float = 0.0       # on weight matrices and the embedding, not biases; Adam becomes AdamW
+    lr_schedule: str = "constant"   # "step": lr * lr_decay^(step // lr_decay_every); "cosine": down to min_lr
+    lr_decay: float = 1.0           # the "step" schedule's factor
     lr_decay_every: int = 1000
+    warmup_steps: int = 0           # linear warm-up from lr/warmup_steps to lr, before any schedule
+    min_lr: float = 0.0             # where "cosine" ends (0 = lr / 10, as nanoGPT)
     grad_clip: float = 5.0          # 0 = no clipping
     clip_mode: str = "norm"         # "norm": rescale so the global L2 norm <= grad_clip; "value": elementwise
-    steps: int = 0                  # stop after this many optimizer steps in total (0 = no limit)
-    epochs: float = 0.0             # ... or after this many passes over the training text
-    minutes: float = 0.0            # ... or after this many minutes of training
+    steps: int = 0                  # the run's budget, in total over resumes: optimizer steps (0 = no limit)
+    epochs: float = 0.0             # ... or passes over the training text
+    minutes: float = 0.0            # ... or minutes of training time (a resume's flags add to these)
     val_frac: float = 0.05          # held-out tail of the text used for validation
     eval_every: int = 100           # validate (and checkpoint) every N steps
     sample_every: int = 500         # print a sample every N steps (0 = only at the end)
@@ -75,7 +83,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        if "lr_schedule" not in d and d.get("lr_decay", 1.0) != 1.0:   # saved before schedules had names
+            d["lr_schedule"] = "step"
+        return cls(**d)
 
     @classmethod
     def check_types(cls, d) -> None:
@@ -94,14 +105,20 @@ class TrainConfig:
     def effective_lr(self) -> float:
         return self.lr if self.lr > 0 else DEFAULT_LR[self.optimizer]
 
+    @property
+    def effective_min_lr(self) -> float:
+        return self.min_lr if self.min_lr > 0 else self.effective_lr / 10
+
 
 # `lstmkit sample` defaults
 SAMPLE_LENGTH = 500
-SAMPLE_TEMPERATURE = 1.0
+SAMPLE_TEMPERATURE = TrainConfig.sample_temperature     # the same as the samples printed in training
+NUM_SAMPLES = 1
 SAMPLE_TOP_K = 0            # 0 = off
 SAMPLE_TOP_P = 1.0          # 1.0 = off
 
-EVAL_BATCH_SIZE = 32        # parallel streams when scoring a text
+EVAL_SEQ_LEN = 512          # tokens per forward call when scoring a text as one stream (any value
+                            # gives the same number: the state is carried; longer calls are faster)
 EXPLODE_FACTOR = 3.0        # stop when the training loss exceeds this times the first step's loss
 
 
@@ -131,7 +148,14 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.batch_size >= 1, "--batch-size", "an integer >= 1", cfg.batch_size),
         (_finite(cfg.lr) and cfg.lr >= 0.0, "--lr", "a number > 0", cfg.lr),
         (_finite(cfg.momentum) and 0.0 <= cfg.momentum < 1.0, "--momentum", "a number in [0, 1)", cfg.momentum),
+        (cfg.lr_schedule in LR_SCHEDULES, "--lr-schedule", f"one of {', '.join(LR_SCHEDULES)}", cfg.lr_schedule),
         (_finite(cfg.lr_decay) and 0.0 < cfg.lr_decay <= 1.0, "--lr-decay", "a number in (0, 1]", cfg.lr_decay),
+        (_finite(cfg.beta1) and 0.0 <= cfg.beta1 < 1.0, "--beta1", "a number in [0, 1)", cfg.beta1),
+        (_finite(cfg.beta2) and 0.0 <= cfg.beta2 < 1.0, "--beta2", "a number in [0, 1)", cfg.beta2),
+        (_finite(cfg.weight_decay) and cfg.weight_decay >= 0.0, "--weight-decay", "a number >= 0",
+         cfg.weight_decay),
+        (cfg.warmup_steps >= 0, "--warmup-steps", "an integer >= 0", cfg.warmup_steps),
+        (_finite(cfg.min_lr) and cfg.min_lr >= 0.0, "--min-lr", "a number >= 0", cfg.min_lr),
         (cfg.lr_decay_every >= 1, "--lr-decay-every", "an integer >= 1", cfg.lr_decay_every),
         (_finite(cfg.grad_clip) and cfg.grad_clip >= 0.0, "--grad-clip", "a number >= 0", cfg.grad_clip),
         (cfg.steps >= 0, "--steps", "an integer >= 1", cfg.steps),
@@ -148,6 +172,10 @@ def validate(cfg: TrainConfig) -> None:
     for ok, flag, expected, given in checks:
         if not ok:
             raise ConfigError(f"{flag} must be {expected}, got {given!r}")
+    if cfg.lr_decay != 1.0 and cfg.lr_schedule != "step":
+        raise ConfigError(f"--lr-decay {cfg.lr_decay:g} needs --lr-schedule step (it is {cfg.lr_schedule})")
+    if cfg.lr_schedule == "cosine" and cfg.effective_min_lr > cfg.effective_lr:
+        raise ConfigError(f"--min-lr must be at most the learning rate {cfg.effective_lr:g}, got {cfg.min_lr:g}")
     if cfg.dropout > 0 and cfg.num_layers < 2:
         raise ConfigError(f"--dropout {cfg.dropout:g} needs --num-layers >= 2: dropout acts between LSTM layers "
                           f"(as in torch.nn.LSTM), and --num-layers is {cfg.num_layers}")

@@ -29,52 +29,62 @@ import numpy as np
 
 from . import __version__
 from .checkpoint import POINTER, CheckpointError, atomic_write, read_checkpoint, read_pointer, save_checkpoint
-from .config import EVAL_BATCH_SIZE, EXPLODE_FACTOR, MAIN_JOB_MINUTES, LMError, TrainConfig, validate
-from .data import BatchStream, DataError, eval_chunks, read_text, split_train_val, text_digest
+from .config import EXPLODE_FACTOR, MAIN_JOB_MINUTES, LMError, TrainConfig, validate
+from .data import BatchStream, read_text, split_train_val, text_digest
+from .evaluate import LN2, evaluate
 from .model import LanguageModel
-from .optim import clip_grad_norm, clip_grad_value, decayed_lr, make_optimizer
+from .optim import clip_grad_norm, clip_grad_value, make_optimizer, scheduled_lr
 from .sample import Sampler
 from .tokenizers import build_tokenizer
 
-LN2 = math.log(2.0)
-
 # hyperparameters a resumed run may change; every other one must stay as the checkpoint has it
 RESUMABLE = {"steps", "epochs", "minutes", "eval_every", "sample_every", "sample_length", "sample_temperature"}
+BUDGET = ("steps", "epochs", "minutes")
+# what --init-from takes from the checkpoint it starts from: the model's shape and its vocabulary
+MODEL_SHAPE = ("tokenizer", "hidden_size", "num_layers", "embed_size")
 
 
 class TrainingStopped(LMError):
-    """The loss went NaN/Inf or exploded; the last good checkpoint is kept."""
+    """The loss or the parameters went NaN/Inf, or the loss exploded; the last good checkpoint is kept."""
 
 
-def evaluate(model, ids, seq_len=128, batch_size=EVAL_BATCH_SIZE) -> tuple[float, int]:
-    """Mean nats per predicted token over ids, and the number of tokens predicted (eval mode)."""
-    was = model.lstm.training
-    model.eval()
-    total, count, state = 0.0, 0, None
+def _plural(n, word):
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
+
+
+def resumed_config(ck, resume, overrides) -> TrainConfig:
+    """The resumed run's TrainConfig with the allowed overrides applied; budget flags are handled by
+    Trainer._set_budget (on a resume they mean 'this much more')."""
     try:
-        for x, y in eval_chunks(ids, batch_size, seq_len):
-            loss, state = model.loss(x, y, state)
-            total += loss * y.size
-            count += y.size
-    finally:
-        model._cache = None
-        model.train(was)
-    return total / max(count, 1), count
+        TrainConfig.check_types(ck["config"]["train"])
+        saved = TrainConfig.from_dict(ck["config"]["train"])
+        if not isinstance(ck["config"]["data"]["sha256"], str):
+            raise TypeError("data.sha256 is not a string")
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training configuration "
+                              f"in config.json ({type(e).__name__}: {e})") from None
+    for k, v in overrides.items():
+        if k == "data" or k in BUDGET:
+            continue
+        if k not in RESUMABLE and getattr(saved, k) != v:
+            raise LMError(f"--{k.replace('_', '-')} {v} differs from the resumed run's "
+                          f"{getattr(saved, k)}; a resumed run keeps its hyperparameters")
+        setattr(saved, k, v)
+    return saved
 
 
-def score_text(model, tokenizer, text, seq_len=128) -> dict:
-    """Loss of a model on a text: {"loss_nats", "tokens", "bits_per_char" or "perplexity"}."""
-    ids = tokenizer.encode(text)                     # ValueError names unknown symbols (char, jamo)
-    if len(ids) < 2:
-        raise DataError(f"the text has {len(ids)} token(s); at least 2 are needed to score it")
-    nats, n = evaluate(model, ids, seq_len)
-    out = {"loss_nats": nats, "tokens": n, "tokenizer": tokenizer.kind}
-    if tokenizer.kind == "word":
-        out["perplexity"] = math.exp(nats)
-    else:
-        out["bits_per_char"] = nats / LN2 * (len(ids) / len(text))
-        out["characters"] = len(text)
-    return out
+def init_config(cfg, ck, init_from, overrides) -> TrainConfig:
+    """cfg with the model's shape taken from the --init-from checkpoint; a flag that asks for another
+    shape is an error (the weights would not fit)."""
+    model_cfg = ck["config"]["train"]
+    for k in MODEL_SHAPE:
+        if k in overrides and overrides[k] != model_cfg.get(k):
+            raise LMError(f"--{k.replace('_', '-')} {overrides[k]} differs from the --init-from checkpoint's "
+                          f"{model_cfg.get(k)}; a model started from a checkpoint keeps its shape")
+        setattr(cfg, k, model_cfg[k])
+    if "dropout" not in overrides:
+        cfg.dropout = model_cfg.get("dropout", cfg.dropout)
+    return cfg
 
 
 class Trainer:
@@ -82,52 +92,55 @@ class Trainer:
 
         cfg = TrainConfig(data="shakespeare", hidden_size=128, steps=500)
         result = Trainer(cfg, out_dir="runs/shakespeare").run()     # -> dict with the final losses
-        Trainer(cfg, out_dir="runs/shakespeare", resume=True).run()  # continue a saved run
+        Trainer(cfg, out_dir="runs/shakespeare", resume="runs/shakespeare",
+                overrides={"steps": 100}).run()                     # 100 more steps of a saved run
+        Trainer(cfg, out_dir="runs/ft", init_from="runs/shakespeare").run()  # fine-tune on cfg.data
+
+    Budgets (--steps, --epochs, --minutes) count from the start of the run; on a resume, a budget
+    flag means that much MORE training, and with none the resumed run finishes the budget it had.
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str, resume: str | None = None, overrides=None,
-                 progress: bool = True, out=None, err=None):
+                 progress: bool = True, out=None, err=None, init_from: str | None = None):
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.progress = progress
         self.out_dir = out_dir
         overrides = overrides or {}
-        ck = None
-        if resume is not None:
-            ck = read_checkpoint(resume, training=True)
-            try:
-                TrainConfig.check_types(ck["config"]["train"])
-                saved = TrainConfig.from_dict(ck["config"]["train"])
-                if not isinstance(ck["config"]["data"]["sha256"], str):
-                    raise TypeError("data.sha256 is not a string")
-            except (KeyError, TypeError) as e:
-                raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training configuration "
-                                      f"in config.json ({type(e).__name__}: {e})") from None
-            for k, v in overrides.items():
-                if k == "data":
-                    continue
-                if k not in RESUMABLE and getattr(saved, k) != v:
-                    raise LMError(f"--{k.replace('_', '-')} {v} differs from the resumed run's "
-                                  f"{getattr(saved, k)}; a resumed run keeps its hyperparameters")
-                setattr(saved, k, v)
-            cfg = saved
-            if any(k in overrides for k in ("steps", "epochs", "minutes")):
-                for k in ("steps", "epochs", "minutes"):
-                    if k not in overrides:
-                        setattr(cfg, k, type(getattr(cfg, k))(0))
+        ck = read_checkpoint(resume, training=True) if resume is not None else None
+        start = read_checkpoint(init_from, which="best") if init_from is not None else None
+        if ck is not None:
+            cfg = resumed_config(ck, resume, overrides)
+        elif start is not None:
+            cfg = init_config(cfg, start, init_from, overrides)
         validate(cfg)
-        if not (cfg.steps or cfg.epochs or cfg.minutes):
-            cfg.minutes = MAIN_JOB_MINUTES
         self.cfg = cfg
+        self._load_data(overrides.get("data", cfg.data), ck, start, init_from)   # checked before any write
+        self.run_id = ck["config"]["run_id"] if ck is not None else uuid.uuid4().hex
+        self._check_out_dir(out_dir)
+        if ck is not None:
+            self._restore(ck, resume)
+        else:
+            self._fresh(start, init_from)
+        self._set_budget(overrides if ck is not None else {})
+        self.stop_signal = None
+        self.last_val = self.history["val_bpc"][-1] if self.history["val_bpc"] else None
+        self.best_val = min(self.history["val_bpc"]) if self.history["val_bpc"] else None
 
-        # data: everything is checked before anything is written
-        text = read_text(overrides.get("data", cfg.data))
+    # -- set-up, one concern each ------------------------------------------------------------
+    def _load_data(self, spec, ck, start, init_from):
+        """Text -> tokenizer -> ids -> training stream and validation ids."""
+        cfg = self.cfg
+        text = read_text(spec)
         digest = text_digest(text)
         if ck is not None:
             if digest != ck["config"]["data"]["sha256"]:
-                raise LMError(f"--resume: the data {overrides.get('data', cfg.data)!r} differs from the text "
-                              f"the run was trained on (sha256 {ck['config']['data']['sha256'][:12]}...)")
+                raise LMError(f"--resume: the data {spec!r} differs from the text the run was trained on "
+                              f"(sha256 {ck['config']['data']['sha256'][:12]}...)")
             self.tok = ck["tokenizer"]
+        elif start is not None:
+            self.tok = start["tokenizer"]
+            self.tok.check_known(text, f"--init-from: the data {spec!r}")   # the vocabulary cannot grow
         else:
             self.tok = build_tokenizer(cfg.tokenizer, text)
         ids = self.tok.encode(text)
@@ -136,61 +149,84 @@ class Trainer:
         self.val_ids = val_ids if len(val_ids) >= 2 else None
         self.val_tokens_per_char = 1.0
         if self.val_ids is not None and cfg.val_frac > 0:
-            val_text = self.tok.decode(val_ids)
-            self.val_tokens_per_char = len(val_ids) / max(len(val_text), 1)
+            self.val_tokens_per_char = len(val_ids) / max(len(self.tok.decode(val_ids)), 1)
         if ck is None and os.path.isfile(cfg.data):
             cfg.data = os.path.abspath(cfg.data)     # so that --resume finds it from anywhere
         self.data_info = {"spec": cfg.data, "sha256": digest, "characters": len(text), "tokens": int(len(ids))}
+        if start is not None:
+            self.data_info["init_from"] = {"path": os.path.abspath(init_from),
+                                           "run_id": start["config"].get("run_id"),
+                                           "state": os.path.basename(start["dir"])}
 
-        # the output directory must not hold another run
-        ptr = read_pointer(out_dir) if os.path.isdir(out_dir) else None
+    def _check_out_dir(self, out_dir):
+        """--out must be new, empty, or this run's own folder: never another run or the user's files."""
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise LMError(f"--out {out_dir!r} exists and is not a directory")
-        run_id = ck["config"]["run_id"] if ck is not None else uuid.uuid4().hex
-        if ptr is not None and ptr.get("run_id") != run_id:
+        ptr = read_pointer(out_dir) if os.path.isdir(out_dir) else None
+        if ptr is not None and ptr.get("run_id") != self.run_id:
             raise LMError(f"--out {out_dir!r} already holds the checkpoint of another run (step "
                           f"{ptr.get('step')}); choose a new --out, or --resume it")
         if ptr is None and os.path.isdir(out_dir) and os.listdir(out_dir):
             raise LMError(f"--out {out_dir!r} is a folder that is not empty and holds no lstmkit checkpoint "
                           f"({POINTER} is missing); choose a new or empty folder")
-        self.run_id = run_id
 
-        # model, optimizer, training state
-        if ck is not None:
-            self.model = ck["model"]
-            st = ck["state"]
-            self.optimizer = make_optimizer(cfg.optimizer, self.model.params, cfg.effective_lr, cfg.momentum)
-            try:
-                self.optimizer.load_state(ck["optimizer_arrays"], st["optimizer"])
-                self.stream.load_state(st["data_position"])
-                self.model.lstm.dropout_rng.bit_generator.state = st["rng"]["dropout"]
-                self.step = int(st["step"])
-                self.history = st["history"]
-                if not all(isinstance(self.history.get(k), list) for k in ("step", "loss", "val_step", "val_bpc")):
-                    raise ValueError("the loss history is not lists of steps and losses")
-                self.elapsed = float(st["elapsed_s"])
-                self.first_loss = st["first_loss"]
-                if self.first_loss is not None:
-                    self.first_loss = float(self.first_loss)
-                self.carry = ck["carry"]
-                if self.carry[0].shape != (cfg.num_layers, cfg.batch_size, cfg.hidden_size):
-                    raise ValueError("carried state has the wrong shape")
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
-                raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training state in state.json "
-                                      f"({type(e).__name__}: {e})") from None
-        else:
-            self.model = LanguageModel(self.tok.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
-                                       cfg.embed_size, seed=cfg.seed)
-            self.optimizer = make_optimizer(cfg.optimizer, self.model.params, cfg.effective_lr, cfg.momentum)
-            self.step = 0
-            self.history = {"step": [], "loss": [], "val_step": [], "val_bpc": []}
-            self.elapsed = 0.0
-            self.first_loss = None
-            self.carry = self.model.initial_state(cfg.batch_size)
+    def _make_optimizer(self):
+        cfg = self.cfg
+        return make_optimizer(cfg.optimizer, self.model.params, cfg.effective_lr, cfg.momentum,
+                              betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+    def _fresh(self, start, init_from):
+        cfg = self.cfg
+        self.model = LanguageModel(self.tok.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
+                                   cfg.embed_size, seed=cfg.seed)
+        if start is not None:
+            self.model.load_params(start["model"].params)
+        self.optimizer = self._make_optimizer()
+        self.step = 0
+        self.history = {"step": [], "loss": [], "val_step": [], "val_bpc": []}
+        self.elapsed = 0.0
+        self.first_loss = None
+        self.carry = self.model.initial_state(cfg.batch_size)
+
+    def _restore(self, ck, resume):
+        cfg = self.cfg
+        self.model = ck["model"]
+        st = ck["state"]
+        self.optimizer = self._make_optimizer()
+        try:
+            self.optimizer.load_state(ck["optimizer_arrays"], st["optimizer"])
+            self.stream.load_state(st["data_position"])
+            self.model.lstm.dropout_rng.bit_generator.state = st["rng"]["dropout"]
+            self.step = int(st["step"])
+            self.history = st["history"]
+            if not all(isinstance(self.history.get(k), list) for k in ("step", "loss", "val_step", "val_bpc")):
+                raise ValueError("the loss history is not lists of steps and losses")
+            self.elapsed = float(st["elapsed_s"])
+            self.first_loss = st["first_loss"]
+            if self.first_loss is not None:
+                self.first_loss = float(self.first_loss)
+            self.carry = ck["carry"]
+            if self.carry[0].shape != (cfg.num_layers, cfg.batch_size, cfg.hidden_size):
+                raise ValueError("carried state has the wrong shape")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training state in state.json "
+                                  f"({type(e).__name__}: {e})") from None
+
+    def _set_budget(self, more):
+        """Turn the budget into a total (steps, or minutes when training by time). `more` holds a
+        resume's budget flags, which add to what the run has done."""
+        cfg = self.cfg
+        if "steps" in more:
+            cfg.steps, cfg.epochs, cfg.minutes = self.step + more["steps"], 0.0, 0.0
+        elif "epochs" in more:
+            cfg.steps = self.step + max(1, math.ceil(more["epochs"] * self.stream.chunks_per_epoch))
+            cfg.epochs, cfg.minutes = 0.0, 0.0
+        elif "minutes" in more:
+            cfg.steps, cfg.epochs, cfg.minutes = 0, 0.0, self.elapsed / 60 + more["minutes"]
+        if not (cfg.steps or cfg.epochs or cfg.minutes):
+            cfg.minutes = MAIN_JOB_MINUTES
         if cfg.epochs and not cfg.steps:
             cfg.steps = max(1, math.ceil(cfg.epochs * self.stream.chunks_per_epoch))
-        self.stop_signal = None
-        self.last_val = self.history["val_bpc"][-1] if self.history["val_bpc"] else None
 
     # -- reporting ---------------------------------------------------------------------------
     def _bpc(self, nats):
@@ -203,9 +239,10 @@ class Trainer:
         return "perplexity" if self.tok.kind == "word" else "bits/char"
 
     def validate(self):
+        """The validation text's score, read as one stream like `lstmkit eval` (evaluate.py)."""
         if self.val_ids is None:
             return None
-        nats, _ = evaluate(self.model, self.val_ids, self.cfg.seq_len)
+        nats, _ = evaluate(self.model, self.val_ids)
         return self._bpc(nats)
 
     def sample_text(self, length=None, seed=None) -> str:
@@ -220,14 +257,29 @@ class Trainer:
         tqdm.write(s, file=self.out)
         self.out.flush()
 
-    def save(self):
+    def _budget_text(self):
+        cfg = self.cfg
+        return _plural(cfg.steps, "step") if cfg.steps else _plural(round(cfg.minutes, 2), "minute")
+
+    def _check_finite(self, last_saved):
+        """Only finite parameters and a finite validation score are ever saved."""
+        bad = [k for k, p in self.model.params.items() if not np.isfinite(p).all()]
+        what = f"parameter {bad[0]} is not finite" if bad else None
+        if what is None and self.last_val is not None and not math.isfinite(self.last_val):
+            what = f"the validation score is {self.last_val}"
+        if what:
+            raise TrainingStopped(f"training stopped at step {self.step}: {what}; the last good checkpoint "
+                                  f"(step {last_saved}) is kept in {self.out_dir}; try a lower --lr or --grad-clip")
+
+    def save(self, best=False):
         state = {"step": self.step, "data_position": self.stream.state(),
                  "rng": {"dropout": self.model.lstm.dropout_rng.bit_generator.state},
                  "history": self.history, "elapsed_s": self.elapsed, "first_loss": self.first_loss,
                  "lstmkit_version": __version__}
         config = {"train": self.cfg.to_dict(), "data": self.data_info, "lstmkit_version": __version__}
         save_checkpoint(self.out_dir, model=self.model, tokenizer=self.tok, config=config, run_id=self.run_id,
-                        step=self.step, state=state, optimizer=self.optimizer, carry=self.carry)
+                        step=self.step, state=state, optimizer=self.optimizer, carry=self.carry,
+                        best=best, val=self.last_val)
         self.plot()
 
     def plot(self):
@@ -259,11 +311,20 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def _done(self):
         cfg = self.cfg
-        if cfg.steps and self.step >= cfg.steps:
-            return True
-        if cfg.minutes and not cfg.steps and self.elapsed >= cfg.minutes * 60:
-            return True
-        return False
+        if cfg.steps:
+            return self.step >= cfg.steps
+        return bool(cfg.minutes) and self.elapsed >= cfg.minutes * 60
+
+    def _lr(self):
+        """This update's learning rate: warm-up, then the schedule over the run's budget."""
+        cfg = self.cfg
+        if cfg.steps:
+            progress = (self.step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        else:
+            progress = self.elapsed / (cfg.minutes * 60)
+        return scheduled_lr(cfg.effective_lr, self.step, cfg.lr_schedule, warmup=cfg.warmup_steps,
+                            progress=progress, decay=cfg.lr_decay, every=cfg.lr_decay_every,
+                            min_lr=cfg.effective_min_lr)
 
     def _on_signal(self, signum, frame):
         self.stop_signal = signum
@@ -281,101 +342,138 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
 
-    def _run(self) -> dict:
-        from tqdm import tqdm
-        cfg, model, opt = self.cfg, self.model, self.optimizer
-        os.makedirs(self.out_dir, exist_ok=True)
-        resumed = self.step > 0
+    def _result(self, status, signum=None):
+        return {"status": status, "step": self.step, "signal": signum, "val": self.last_val,
+                "best_val": self.best_val, "loss": self.history["loss"][-1] if self.history["loss"] else None}
+
+    def _announce(self, resumed):
+        cfg, model = self.cfg, self.model
         self._write(f"lstmkit: {'resuming' if resumed else 'training'} a {cfg.tokenizer} LSTM "
                     f"{cfg.num_layers}x{cfg.hidden_size} ({model.num_parameters():,} parameters, vocabulary "
                     f"{self.tok.vocab_size}) on {cfg.data} ({self.data_info['characters']:,} characters), "
                     f"{cfg.optimizer} lr {cfg.effective_lr:g}, batch {cfg.batch_size}x{cfg.seq_len}; "
-                    + (f"{cfg.steps} steps" if cfg.steps else f"{cfg.minutes:g} minutes")
+                    + (f"step {self.step} of " if resumed else "") + self._budget_text()
                     + f"; saving to {self.out_dir}")
+
+    def _progress_bar(self):
+        from tqdm import tqdm
+        cfg = self.cfg
+        time_mode = not cfg.steps
+        fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} s of training [{elapsed}<{remaining}{postfix}]" \
+            if time_mode else "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]"
+        return tqdm(total=int(round(cfg.minutes * 60)) if time_mode else cfg.steps,
+                    initial=int(self.elapsed) if time_mode else self.step, bar_format=fmt,
+                    disable=not self.progress, file=self.err, mininterval=1.0, dynamic_ncols=True, leave=False)
+
+    def _train_step(self):
+        """One optimizer step on the next chunk; returns its loss (nats per token)."""
+        cfg, model = self.cfg, self.model
+        x, y, epoch_start = self.stream.next()
+        if epoch_start:
+            self.carry = model.initial_state(cfg.batch_size)
+        model.train()
+        model.zero_grad()
+        loss, carry = model.loss(x, y, self.carry)
+        if self.first_loss is None:
+            self.first_loss = loss
+        if not math.isfinite(loss) or loss > EXPLODE_FACTOR * self.first_loss:
+            what = "is not finite" if not math.isfinite(loss) else \
+                f"exploded ({loss:.3g} nats > {EXPLODE_FACTOR:g} x the first step's {self.first_loss:.3g})"
+            raise TrainingStopped(f"training stopped at step {self.step + 1}: the loss {what}; the last "
+                                  f"good checkpoint (step {self.last_saved}) is kept in {self.out_dir}; "
+                                  f"try a lower --lr or --grad-clip")
+        model.backward()
+        if cfg.grad_clip > 0:
+            if cfg.clip_mode == "norm":
+                clip_grad_norm(model.grads, cfg.grad_clip)
+            else:
+                clip_grad_value(model.grads, cfg.grad_clip)
+        self.optimizer.step(model.grads, self._lr())
+        self.carry = (carry[0].copy(), carry[1].copy())
+        self.step += 1
+        self.history["step"].append(self.step)
+        self.history["loss"].append(round(loss, 6))
+        return loss
+
+    def _validate_and_save(self, loss, rate):
+        t0 = time.perf_counter()
+        self.last_val = self.validate()
+        self.elapsed += time.perf_counter() - t0       # validation counts towards --minutes, as saved
+        best = False
+        if self.last_val is not None:
+            self.history["val_step"].append(self.step)
+            self.history["val_bpc"].append(round(self.last_val, 6))
+            self.history.setdefault("val_minutes", []).append(round(self.elapsed / 60, 4))
+            best = self.best_val is None or self.last_val < self.best_val
+        self._check_finite(self.last_saved)
+        if best:
+            self.best_val = self.last_val
+        self.save(best=best)
+        self.last_saved = self.step
+        val = f"{self.last_val:.3f}" if self.last_val is not None else "-"
+        self._write(f"step {self.step:6d}  epoch {self.stream.epochs_done:6.2f}  loss {loss:.4f} nats  "
+                    f"val {val} {self.metric}{' (best)' if best else ''}  {rate:,.0f} tokens/s  "
+                    f"{self.elapsed / 60:.1f} min")
+
+    def _run(self) -> dict:
+        cfg = self.cfg
+        resumed = self.step > 0
+        if resumed and self._done():
+            self._write(f"lstmkit: nothing to do: the run in {self.out_dir} has reached its budget "
+                        f"(step {self.step}, {self._budget_text()}); give --steps, --epochs or --minutes "
+                        f"to train that much more")
+            return self._result("nothing to do")
+        os.makedirs(self.out_dir, exist_ok=True)
+        self._announce(resumed)
+        self.last_saved = self.step
         if not resumed:
             self.save()     # a good checkpoint exists from the start
-        time_mode = not cfg.steps
-        total = int(round(cfg.minutes * 60)) if time_mode else cfg.steps
-        bar = tqdm(total=total, initial=int(self.elapsed) if time_mode else self.step,
-                   disable=not self.progress, file=self.err, mininterval=1.0, dynamic_ncols=True,
-                   unit="s" if time_mode else "step", leave=False)
+        bar = self._progress_bar()
         tok_per_step = cfg.batch_size * cfg.seq_len
-        rate = None
-        status = "done"
-        last_saved = self.step
-        while not self._done():
-            if self.stop_signal is not None:
-                status = "interrupted"
-                break
-            t0 = time.perf_counter()
-            x, y, epoch_start = self.stream.next()
-            if epoch_start:
-                self.carry = model.initial_state(cfg.batch_size)
-            model.train()
-            model.zero_grad()
-            loss, carry = model.loss(x, y, self.carry)
-            if self.first_loss is None:
-                self.first_loss = loss
-            if not math.isfinite(loss) or loss > EXPLODE_FACTOR * self.first_loss:
-                bar.close()
-                what = "is not finite" if not math.isfinite(loss) else \
-                    f"exploded ({loss:.3g} nats > {EXPLODE_FACTOR:g} x the first step's {self.first_loss:.3g})"
-                raise TrainingStopped(f"training stopped at step {self.step + 1}: the loss {what}; the last "
-                                      f"good checkpoint (step {last_saved}) is kept in {self.out_dir}; "
-                                      f"try a lower --lr or --grad-clip")
-            model.backward()
-            if cfg.grad_clip > 0:
-                if cfg.clip_mode == "norm":
-                    clip_grad_norm(model.grads, cfg.grad_clip)
-                else:
-                    clip_grad_value(model.grads, cfg.grad_clip)
-            opt.step(model.grads, decayed_lr(cfg.effective_lr, self.step, cfg.lr_decay, cfg.lr_decay_every))
-            self.carry = (carry[0].copy(), carry[1].copy())
-            self.step += 1
-            self.history["step"].append(self.step)
-            self.history["loss"].append(round(loss, 6))
-            dt = time.perf_counter() - t0
-            self.elapsed += dt
-            r = tok_per_step / dt
-            rate = r if rate is None else 0.9 * rate + 0.1 * r
-
-            if self.step % cfg.eval_every == 0 or self._done():
-                t1 = time.perf_counter()
-                self.last_val = self.validate()
-                if self.last_val is not None:
-                    self.history["val_step"].append(self.step)
-                    self.history["val_bpc"].append(round(self.last_val, 6))
-                    self.history.setdefault("val_minutes", []).append(round(self.elapsed / 60, 4))
-                self.save()
-                last_saved = self.step
-                self.elapsed += time.perf_counter() - t1
+        rate, status = None, "done"
+        try:
+            while not self._done():
+                if self.stop_signal is not None:
+                    status = "interrupted"
+                    break
+                t0 = time.perf_counter()
+                loss = self._train_step()
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                rate = tok_per_step / dt if rate is None else 0.9 * rate + 0.1 * tok_per_step / dt
+                if self.step % cfg.eval_every == 0 or self._done():
+                    self._validate_and_save(loss, rate)
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and not self._done():
+                    t1 = time.perf_counter()
+                    self._write(f"----- sample at step {self.step} ({self.elapsed / 60:.1f} min) -----\n"
+                                f"{self.sample_text()}\n-----")
+                    self.elapsed += time.perf_counter() - t1
                 val = f"{self.last_val:.3f}" if self.last_val is not None else "-"
-                self._write(f"step {self.step:6d}  epoch {self.stream.epochs_done:6.2f}  loss {loss:.4f} nats  "
-                            f"val {val} {self.metric}  {rate:,.0f} tokens/s  {self.elapsed / 60:.1f} min")
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and not self._done():
-                t1 = time.perf_counter()
-                self._write(f"----- sample at step {self.step} ({self.elapsed / 60:.1f} min) -----\n{self.sample_text()}\n-----")
-                self.elapsed += time.perf_counter() - t1
-            bar.set_postfix_str(f"step {self.step} loss {loss:.3f} val {self.last_val or float('nan'):.3f} "
-                                f"{rate:,.0f} tok/s", refresh=False)
-            bar.update((int(self.elapsed) - bar.n) if time_mode else 1)
-        bar.close()
-        if self.step != last_saved or status == "interrupted":
+                bar.set_postfix_str(f"step {self.step} loss {loss:.3f} val {val} {rate:,.0f} tok/s", refresh=False)
+                bar.update((int(self.elapsed) - bar.n) if not cfg.steps else 1)
+        finally:
+            bar.close()
+        if self.step != self.last_saved or status == "interrupted":
+            self._check_finite(self.last_saved)
             self.save()
         if status == "interrupted":
             name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(self.stop_signal, "a signal")
             self._write(f"stopped by {name} at step {self.step}; saved {self.out_dir}; "
                         f"continue with: lstmkit train --resume {self.out_dir}")
-            return {"status": status, "step": self.step, "signal": self.stop_signal, "val": self.last_val,
-                    "loss": self.history["loss"][-1] if self.history["loss"] else None}
-        if cfg.sample_length:
-            self._write(f"----- final sample (step {self.step}) -----")
-            Sampler(model, self.tok).generate(cfg.sample_length, temperature=cfg.sample_temperature,
-                                              seed=np.random.SeedSequence([cfg.seed, self.step]),
-                                              on_text=lambda s: (self.out.write(s), self.out.flush()))
-            self.out.write("\n-----\n")
+            return self._result(status, self.stop_signal)
+        self._final_sample()
         val = f"{self.last_val:.4f} {self.metric}" if self.last_val is not None else "no validation"
-        self._write(f"done: step {self.step}, validation {val}; checkpoint in {self.out_dir} "
+        best = f" (best {self.best_val:.4f})" if self.best_val is not None and self.best_val != self.last_val else ""
+        self._write(f"done: step {self.step}, validation {val}{best}; checkpoint in {self.out_dir} "
                     f"(lstmkit sample {self.out_dir})")
-        return {"status": status, "step": self.step, "signal": None, "val": self.last_val,
-                "loss": self.history["loss"][-1] if self.history["loss"] else None}
+        return self._result(status)
+
+    def _final_sample(self):
+        cfg = self.cfg
+        if not cfg.sample_length:
+            return
+        self._write(f"----- final sample (step {self.step}) -----")
+        Sampler(self.model, self.tok).generate(cfg.sample_length, temperature=cfg.sample_temperature,
+                                               seed=np.random.SeedSequence([cfg.seed, self.step]),
+                                               on_text=lambda s: (self.out.write(s), self.out.flush()))
+        self.out.write("\n-----\n")
