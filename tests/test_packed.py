@@ -299,3 +299,9 @@ def test_segment_runner_agrees_with_native_batch_sizes(path):
     np.testing.assert_allclose(h_T2, h_T, rtol=1e-12, atol=1e-12)
     for k, (g2, g) in enumerate(zip(grads2, grads)):
         np.testing.assert_allclose(g2, g, rtol=1e-10, atol=1e-12, err_msg=str(k))
+
+
+def test_too_few_lengths_for_an_unsorted_batch_are_refused():
+    """torch 2.13 packs a subset and drops the rest here; we report the mismatch."""
+    with pytest.raises(RuntimeError, match=r"but got 2 \(batch_size=3\)"):
+        rnn.pack_padded_sequence(np.zeros((4, 3, 2)), [2, 1], enforce_sorted=False)

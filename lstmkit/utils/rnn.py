@@ -21,9 +21,13 @@ active sequences are always the first batch_sizes[t] of the sorted batch. A recu
 the blocks in order and never sees padding. sorted_indices[k] is the original position of the
 k-th longest sequence (None when the caller promised sorted input); unsorted_indices inverts it.
 
-One deliberate difference: torch 2.13 does not check that lengths fit in the input (a length
-longer than T reads past its end); here it is a RuntimeError, and so are non-integer lengths
-(torch truncates 2.5 to 2 silently), raised as the TypeError torch gives other non-integers.
+Deliberate differences, where torch 2.13 goes on silently: a length longer than T (torch reads
+past the input's end) and fewer lengths than sequences with enforce_sorted=False (torch drops
+the rest) are RuntimeErrors, with torch's type for its own length checks; non-integer lengths
+(torch truncates 2.5 to 2) are the TypeError torch raises for other non-integers. With
+enforce_sorted=False equal lengths keep their order (a stable sort): torch's sort is stable up to
+16 sequences, beyond that it orders ties by its internals, so sorted_indices may differ there
+while every unpacked result is the same.
 """
 
 from collections.abc import Iterable
@@ -112,7 +116,7 @@ def _active(lengths, T):
 def pack_padded_sequence(input, lengths, batch_first=False, enforce_sorted=True):
     """Pack a padded batch (T, B, *) (or (B, T, *) with batch_first) of sequences of the given
     lengths. With enforce_sorted=False the batch is sorted by length first (stable: equal
-    lengths keep their order, as torch's sort does) and sorted_indices records how."""
+    lengths keep their order) and sorted_indices records how."""
     input = np.asarray(input)
     batch_dim = 0 if batch_first else 1
     if input.ndim < 2:
@@ -120,11 +124,12 @@ def pack_padded_sequence(input, lengths, batch_first=False, enforce_sorted=True)
                          f"2 dimensions (T, B, *), got shape {input.shape}")
     lengths = _as_lengths(lengths)
     sorted_indices = None
-    if not enforce_sorted:
+    # With too few lengths torch 2.13 sorts a subset and drops the rest of the batch silently;
+    # here the batch is left whole so that the length check below reports the mismatch.
+    if not enforce_sorted and lengths.shape[0] == input.shape[batch_dim]:
         sorted_indices = np.argsort(-lengths, kind="stable")
         lengths = lengths[sorted_indices]
-        input = np.take(input, sorted_indices, axis=batch_dim) if lengths.shape[0] == \
-            input.shape[batch_dim] else input
+        input = np.take(input, sorted_indices, axis=batch_dim)
     if batch_first:
         input = input.swapaxes(0, 1)
     T, B = input.shape[:2]
