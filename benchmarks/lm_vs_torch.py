@@ -1,7 +1,9 @@
 """lstmkit's language model against the same model in PyTorch: same initial weights, same batches,
 same optimizer (Adam), same clipping, same number of steps, trained in lockstep (the side that
 goes first alternates every step).  Reports the validation loss of each (they should agree within
-1%) and the median-step training throughput of each.
+1%) and the median-step training throughput of each.  Both libraries share this process, which
+changes each one's speed: its throughput figures are a cross-check, not for quoting
+(benchmarks/main_job_vs_torch.py times each side alone).
 
     python benchmarks/lm_vs_torch.py                            # Tiny Shakespeare, 1x256, 300 steps
     python benchmarks/lm_vs_torch.py --data mujeong --steps 200 --hidden-size 256
@@ -17,11 +19,11 @@ import time
 import numpy as np
 import torch
 
-from lstmkit.data import BatchStream, eval_chunks, read_text, split_train_val
+from lstmkit.data import BatchStream, read_text, split_train_val, stream_chunks
+from lstmkit.evaluate import evaluate
 from lstmkit.model import LanguageModel
 from lstmkit.optim import Adam, clip_grad_norm
 from lstmkit.tokenizers import build_tokenizer
-from lstmkit.train import evaluate
 
 
 class TorchLM(torch.nn.Module):
@@ -37,9 +39,10 @@ class TorchLM(torch.nn.Module):
 
 
 def torch_eval(t, ids, seq_len):
+    """Nats per token over ids read as one stream, as lstmkit.evaluate does."""
     total, count, state = 0.0, 0, None
     with torch.no_grad():
-        for x, y in eval_chunks(ids, 32, seq_len):
+        for x, y in stream_chunks(ids, seq_len):
             z, state = t(torch.from_numpy(x), state)
             total += torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), torch.from_numpy(y).reshape(-1),
                                                        reduction="sum").item()
