@@ -81,8 +81,15 @@ class Optimizer:
                 if tuple(arrays[key].shape) != a.shape:
                     raise ValueError(f"optimizer state {key!r} has shape {tuple(arrays[key].shape)}, "
                                      f"expected {a.shape}")
-                a[...] = arrays[key]
-        self.t = int(meta["t"])
+                if not np.isfinite(arrays[key]).all():
+                    raise ValueError(f"optimizer state {key!r} holds non-finite values")
+        t = meta.get("t")
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"optimizer step t must be an integer >= 0, got {t!r}")
+        for slot, d in self.state.items():       # only now that every value has passed
+            for k, a in d.items():
+                a[...] = arrays[f"{slot}.{k}"]
+        self.t = t
 
 
 class SGD(Optimizer):

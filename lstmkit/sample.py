@@ -1,7 +1,8 @@
 """Generation from a trained language model: temperature, top-k, top-p (nucleus), greedy, prime text.
 
 At each step, from the logits z (V,) of the last token:
-    p = softmax(z / τ)                              temperature τ > 0 (τ < 1 sharper, τ > 1 flatter)
+    p = softmax(z / τ)                              temperature τ > 0 (τ < 1 sharper, τ > 1 flatter),
+                                                    computed as exp((z - max z) / τ) / Σ: no overflow for any τ
     top-k:  keep the k largest p, zero the rest
     top-p:  keep the smallest set of largest p whose sum reaches p_top, zero the rest
     renormalise, draw the next id by inverting the cumulative sum at u ~ U[0, 1)
@@ -24,8 +25,9 @@ class SampleError(LMError, ValueError):
 
 def filter_probs(z, temperature=1.0, top_k=0, top_p=1.0):
     """Logits (V,) -> probabilities (V,) float64 after temperature, top-k and top-p."""
-    z = np.asarray(z, dtype=np.float64) / temperature
-    p = np.exp(z - z.max())
+    z = np.asarray(z, dtype=np.float64)
+    with np.errstate(over="ignore"):     # a tiny τ sends (z - max) / τ to -inf: p -> one-hot, as τ -> 0
+        p = np.exp((z - z.max()) / temperature)
     p /= p.sum()
     if top_k and top_k < len(p):
         kth = np.partition(p, len(p) - top_k)[len(p) - top_k]

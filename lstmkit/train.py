@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 import uuid
 
@@ -36,6 +37,7 @@ from .model import LanguageModel
 from .optim import clip_grad_norm, clip_grad_value, make_optimizer, scheduled_lr
 from .sample import Sampler
 from .tokenizers import build_tokenizer
+from .train_state import check_carry, check_training_state
 
 # hyperparameters a resumed run may change; every other one must stay as the checkpoint has it
 RESUMABLE = {"steps", "epochs", "minutes", "eval_every", "sample_every", "sample_length", "sample_temperature"}
@@ -170,6 +172,17 @@ class Trainer:
             raise LMError(f"--out {out_dir!r} is a folder that is not empty and holds no lstmkit checkpoint "
                           f"({POINTER} is missing); choose a new or empty folder")
 
+    def _check_writable(self):
+        """Create --out and write a file in it before the first step, so that a run that could not
+        save is refused now, not after hours of training."""
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.out_dir)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            raise LMError(f"cannot write in --out {self.out_dir!r}: {e.strerror or e}") from None
+
     def _make_optimizer(self):
         cfg = self.cfg
         return make_optimizer(cfg.optimizer, self.model.params, cfg.effective_lr, cfg.momentum,
@@ -189,28 +202,23 @@ class Trainer:
         self.carry = self.model.initial_state(cfg.batch_size)
 
     def _restore(self, ck, resume):
+        """Model, optimizer, data position, RNG, history and carried state of a saved run, each value
+        checked first (train_state.py)."""
         cfg = self.cfg
         self.model = ck["model"]
-        st = ck["state"]
+        st = check_training_state(ck["state"], self.stream.chunks_per_epoch, resume)
         self.optimizer = self._make_optimizer()
         try:
             self.optimizer.load_state(ck["optimizer_arrays"], st["optimizer"])
-            self.stream.load_state(st["data_position"])
-            self.model.lstm.dropout_rng.bit_generator.state = st["rng"]["dropout"]
-            self.step = int(st["step"])
-            self.history = st["history"]
-            if not all(isinstance(self.history.get(k), list) for k in ("step", "loss", "val_step", "val_bpc")):
-                raise ValueError("the loss history is not lists of steps and losses")
-            self.elapsed = float(st["elapsed_s"])
-            self.first_loss = st["first_loss"]
-            if self.first_loss is not None:
-                self.first_loss = float(self.first_loss)
-            self.carry = ck["carry"]
-            if self.carry[0].shape != (cfg.num_layers, cfg.batch_size, cfg.hidden_size):
-                raise ValueError("carried state has the wrong shape")
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training state in state.json "
+            self.model.lstm.dropout_rng.bit_generator.state = st["rng"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad optimizer or RNG state "
                                   f"({type(e).__name__}: {e})") from None
+        self.stream.load_state({"epoch": st["epoch"], "chunk": st["chunk"]})
+        self.step, self.history = st["step"], st["history"]
+        self.elapsed, self.first_loss = st["elapsed_s"], st["first_loss"]
+        self.carry = check_carry(ck["carry"], (cfg.num_layers, cfg.batch_size, cfg.hidden_size),
+                                 self.model.dtype, resume)
 
     def _set_budget(self, more):
         """Turn the budget into a total (steps, or minutes when training by time). `more` holds a
@@ -423,7 +431,7 @@ class Trainer:
                         f"(step {self.step}, {self._budget_text()}); give --steps, --epochs or --minutes "
                         f"to train that much more")
             return self._result("nothing to do")
-        os.makedirs(self.out_dir, exist_ok=True)
+        self._check_writable()
         self._announce(resumed)
         self.last_saved = self.step
         if not resumed:
@@ -437,12 +445,15 @@ class Trainer:
                     status = "interrupted"
                     break
                 t0 = time.perf_counter()
-                loss = self._train_step()
+                # a diverging run overflows; the loss and finiteness checks report it in one line
+                with np.errstate(over="ignore", invalid="ignore"):
+                    loss = self._train_step()
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
                 rate = tok_per_step / dt if rate is None else 0.9 * rate + 0.1 * tok_per_step / dt
                 if self.step % cfg.eval_every == 0 or self._done():
-                    self._validate_and_save(loss, rate)
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        self._validate_and_save(loss, rate)
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and not self._done():
                     t1 = time.perf_counter()
                     self._write(f"----- sample at step {self.step} ({self.elapsed / 60:.1f} min) -----\n"
