@@ -42,11 +42,14 @@ def sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None):
+def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True):
     """Run one LSTM layer in one direction over all T steps.
 
     x (T, B, I), h0 (B, P), c0 (B, H), W_ih (G, I), W_hh (G, P), b (G,) or None, W_hr (P, H) or None.
-    Returns out (T, B, P), h_T (B, P), c_T (B, H) and the cache that lstm_layer_backward needs.
+    Returns out (T, B, P), h_T (B, P), c_T (B, H) and the cache that lstm_layer_backward needs
+    (None when save is False: a forward that no backward will follow, under lstmkit.no_grad()).
+    The cache references x, h0, c0 and the weights, not copies: the caller keeps them unchanged
+    until backward (modules.py checks that they were).
     """
     T, B, I = x.shape
     G, P = W_hh.shape
@@ -75,6 +78,8 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None):
             m[t] = o * tanh_c[t]
             h[t] = m[t] @ W_hr.T
         h_prev, c_prev = h[t], c[t]
+    if not save:
+        return h, h[-1].copy(), c[-1].copy(), None
     cache = {"x": x, "h0": h0, "c0": c0, "W_ih": W_ih, "W_hh": W_hh, "W_hr": W_hr,
              "has_bias": b is not None, "gates": gates, "c": c, "tanh_c": tanh_c, "m": m, "h": h}
     return h, h[-1].copy(), c[-1].copy(), cache
@@ -128,8 +133,9 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
     return dx, dh_next, dc_next, dW_ih, dW_hh, db, dW_hr
 
 
-def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh"):
-    """Run one Elman RNN layer in one direction. x (T, B, I), h0 (B, H) -> out (T, B, H), h_T, cache."""
+def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=True):
+    """Run one Elman RNN layer in one direction. x (T, B, I), h0 (B, H) -> out (T, B, H), h_T, cache
+    (None when save is False)."""
     T, B, I = x.shape
     H = W_hh.shape[0]
     xa = (x.reshape(T * B, I) @ W_ih.T).reshape(T, B, H)
@@ -141,6 +147,8 @@ def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh"):
         a = xa[t] + h_prev @ W_hh.T
         h[t] = np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0.0)
         h_prev = h[t]
+    if not save:
+        return h, h[-1].copy(), None
     cache = {"x": x, "h0": h0, "W_ih": W_ih, "W_hh": W_hh, "has_bias": b is not None,
              "nonlinearity": nonlinearity, "h": h}
     return h, h[-1].copy(), cache

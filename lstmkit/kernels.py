@@ -404,12 +404,13 @@ def _c(a, dtype):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None):
+def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True):
     """One LSTM layer, one direction, all T steps; the contract of functional.lstm_layer_forward.
 
     x (T, B, I), h0 (B, P), c0 (B, H), W_ih (G, I), W_hh (G, P), b (G,) or None, W_hr (P, H) or None.
     Returns out (T, B, P), h_T (B, P), c_T (B, H), cache. The cache keeps a reference to `out`
     (it is h_t for every t, which the backward needs); don't write into `out` before backward.
+    save=False (no_grad): cache is None, and c_t, m_t live in (B, H) buffers instead of (T, B, H).
     """
     dt = np.result_type(x.dtype, W_ih.dtype)
     x = _c(x, dt)
@@ -430,29 +431,45 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None):
         gates, c, m, out, h_T, c_T = _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias,
                                                       W_hr if proj else W_hh, proj, xa, W_hh_T)
     else:
-        c = np.empty((T, B, H), dt)
-        out = np.empty((T, B, P), dt)
-        # Without projection m_t is h_t: the kernel writes straight into the output.
-        m = np.empty((T, B, H), dt) if proj else out
-        # One product for the input projection of every step; the kernel adds the bias.
-        gates = _mm(x.reshape(T * B, I), W_ih.T).reshape(T, B, G)
-        rec = np.empty((B, G), dt)
-        W_hh_T = W_hh.T            # a view: BLAS takes the transpose as a flag, no copy
-        W_hr_T = W_hr.T if proj else None
-        h_prev, c_prev = h0, c0
-        with _single_blas_thread(B * P * G):
-            for t in range(T):
-                np.matmul(h_prev, W_hh_T, out=rec)
-                _lstm_fwd_step(gates[t], rec, bias, c_prev, c[t], m[t])
-                if proj:
-                    np.matmul(m[t], W_hr_T, out=out[t])
-                h_prev, c_prev = out[t], c[t]
+        gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh, bias, W_hr, save)
         h_T, c_T = out[-1].copy(), c[-1].copy()
-
+    if not save:
+        return out, h_T, c_T, None
     cache = {"x": x, "h0": h0, "c0": c0, "W_ih": W_ih, "W_hh": W_hh, "W_hr": W_hr,
              "has_bias": b is not None, "gates": gates, "c": c,
              "m": m if proj else None, "h": out}
     return out, h_T, c_T, cache
+
+
+def _lstm_forward_loop(x, h0, c0, W_ih, W_hh, bias, W_hr, save):
+    """B > 1: one product for the input projection of every step, then per step one recurrent
+    product and one fused kernel call. Returns gates (T, B, G), c, m, out. Without save, c and m
+    are two and one (B, H) buffers that the steps take turns with (c[-1] is still c_T)."""
+    T, B, I = x.shape
+    G, P = W_hh.shape
+    H = G // 4
+    dt = x.dtype
+    proj = W_hr is not None
+    c = np.empty((T if save else 2, B, H), dt)
+    out = np.empty((T, B, P), dt)
+    # Without projection m_t is h_t: the kernel writes straight into the output.
+    m = np.empty((T if save else 1, B, H), dt) if proj else out
+    # The kernel adds the bias to these input projections.
+    gates = _mm(x.reshape(T * B, I), W_ih.T).reshape(T, B, G)
+    rec = np.empty((B, G), dt)
+    W_hh_T = W_hh.T            # a view: BLAS takes the transpose as a flag, no copy
+    W_hr_T = W_hr.T if proj else None
+    h_prev, c_prev = h0, c0
+    with _single_blas_thread(B * P * G):
+        for t in range(T):
+            ct = c[t] if save else c[(t + T) % 2]   # the last step writes c[1] = c[-1]
+            mt = m[t] if save or not proj else m[0]
+            np.matmul(h_prev, W_hh_T, out=rec)
+            _lstm_fwd_step(gates[t], rec, bias, c_prev, ct, mt)
+            if proj:
+                np.matmul(mt, W_hr_T, out=out[t])
+            h_prev, c_prev = out[t], ct
+    return gates, c, m, out
 
 
 def lstm_layer_backward(dout, dh_T, dc_T, cache):
@@ -513,8 +530,9 @@ def _input_and_weight_grads(da, x, h0, h, W_ih, has_bias):
     return dx, dW_ih, dW_hh, db
 
 
-def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh"):
-    """One Elman RNN layer; functional.rnn_layer_forward's contract: out (T, B, H), h_T, cache."""
+def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=True):
+    """One Elman RNN layer; functional.rnn_layer_forward's contract: out (T, B, H), h_T, cache
+    (None when save is False: the forward keeps nothing else anyway)."""
     dt = np.result_type(x.dtype, W_ih.dtype)
     x = _c(x, dt)
     W_ih, W_hh, h0 = _c(W_ih, dt), _c(W_hh, dt), _c(h0, dt)
@@ -531,6 +549,8 @@ def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh"):
             np.matmul(h_prev, W_hh_T, out=rec)
             _rnn_fwd_step(h[t], rec, bias, relu)
             h_prev = h[t]
+    if not save:
+        return h, h[-1].copy(), None
     cache = {"x": x, "h0": h0, "W_ih": W_ih, "W_hh": W_hh, "has_bias": b is not None,
              "nonlinearity": nonlinearity, "h": h}
     return h, h[-1].copy(), cache

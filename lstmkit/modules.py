@@ -11,6 +11,15 @@ Shape letters
 Stacking (torch.nn.LSTM): layer k > 0 takes the D directions of layer k-1 concatenated,
 (L, N, D*P); in train mode dropout with probability p zeroes elements of that input (inverted
 dropout, kept elements scaled by 1/(1-p)); the reverse direction reads the sequence back to front.
+
+Forward and backward (the same shape for every module; contexts.py has the guards):
+    out, state = module(x, hx)                              plain: the module keeps this forward's
+    grad_x, grad_hx = module.backward(grad_output, grad_state)    context, its backward uses it once
+    out, state, ctx = module(x, hx, return_ctx=True)        the context handed to the caller: one
+    grad_x, grad_hx = module.backward(grad_output, grad_state, ctx=ctx)   module, many forwards
+state is (h_n, c_n) for LSTM, h_n for RNN; a cell returns only its state (and ctx). Every gradient
+given to backward is optional (None: that output does not reach the loss); backward(..., retain=True)
+keeps the context for another backward. Parameter gradients are added into module.grads.
 """
 
 import numbers
@@ -19,7 +28,8 @@ import warnings
 
 import numpy as np
 
-from . import functional
+from . import contexts, functional
+from .contexts import NO_GRAD, as_parameter, is_grad_enabled, no_grad  # noqa: F401 - no_grad re-exported
 
 try:  # the fused kernels are optional: without Numba, the reference runs
     from . import kernels as _kernels
@@ -56,7 +66,8 @@ def _check_size(name, value):
 
 
 class _Module:
-    """What every layer shares: named parameters, their gradients, train/eval, state_dict."""
+    """What every layer shares: named parameters, their gradients, train/eval, state_dict, and the
+    context of the latest forward (contexts.py)."""
 
     _name = "Module"
 
@@ -67,11 +78,14 @@ class _Module:
         self.dropout_rng = np.random.default_rng(dropout_seq)
         bound = 1.0 / np.sqrt(hidden_size)
         # Filled in torch's parameter order, so a given seed always gives the same weights.
-        self._params = {name: rng.uniform(-bound, bound, size=shape).astype(self.dtype)
+        self._params = {name: as_parameter(rng.uniform(-bound, bound, size=shape).astype(self.dtype))
                         for name, shape in shapes}
-        self.grads = {name: np.zeros_like(p) for name, p in self._params.items()}
+        # Plain views of the same memory for the layers: NumPy never routes them through Parameter.
+        self._plain = {name: p.view(np.ndarray) for name, p in self._params.items()}
+        self.grads = {name: np.zeros(p.shape, p.dtype) for name, p in self._params.items()}
         self.training = True
-        self._ctx = None
+        self._last = None      # the latest forward's Context, NO_GRAD, or None before any forward
+        self._derived = {}     # arrays computed from the weights, with the versions they were computed at
 
     def __getattr__(self, name):  # lstm.weight_ih_l0, as in torch
         params = self.__dict__.get("_params")
@@ -79,22 +93,45 @@ class _Module:
             return params[name]
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
+    def __setattr__(self, name, value):
+        """`module.weight_ih_l0 = array` COPIES array into the live parameter (shape checked, dtype
+        converted, NaN/Inf refused), so that optimizers and contexts holding it stay right; torch
+        raises TypeError here instead. Any other attribute is set as usual."""
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            value = np.asarray(value)
+            problem = _value_problem(name, value, params[name])
+            if problem is not None:
+                raise problem[0](f"{self._name}: cannot assign to {name}: {problem[1]}")
+            params[name][...] = value
+            return
+        object.__setattr__(self, name, value)
+
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
     def named_parameters(self):
-        """(name, array) pairs of the live parameters, in torch's order; optimizers update them in place."""
+        """(name, array) pairs of the live parameters, in torch's order. Optimizers update them in
+        place; each is a contexts.Parameter, whose version counter sees those updates."""
         return iter(self._params.items())
 
     def parameters(self):
         return iter(self._params.values())
 
+    def bump_version(self):
+        """Mark every parameter as changed: only needed after writing one in a way NumPy's operators
+        do not see (through np.asarray(p), from compiled code)."""
+        for p in self._params.values():
+            p._cell[0] += 1
+
     def state_dict(self):
-        """Copies of the parameters under torch.nn's keys, in torch.nn's order."""
-        return {name: p.copy() for name, p in self._params.items()}
+        """Copies of the parameters (plain arrays) under torch.nn's keys, in torch.nn's order."""
+        return {name: np.array(p) for name, p in self._params.items()}
 
     def load_state_dict(self, state_dict, strict=True):
-        """Copy arrays (NumPy arrays, torch tensors, anything np.asarray takes) into the parameters."""
+        """Copy arrays (NumPy arrays, torch tensors, anything np.asarray takes) into the parameters.
+        Every value is checked (shape, a float-convertible dtype, all finite) before any is written:
+        a bad value anywhere leaves the module as it was."""
         missing = [k for k in self._params if k not in state_dict]
         unexpected = [k for k in state_dict if k not in self._params]
         errors = []
@@ -107,9 +144,9 @@ class _Module:
             if name not in state_dict:
                 continue
             value = np.asarray(state_dict[name])
-            if value.shape != param.shape:
-                errors.append(f"size mismatch for {name}: copying a param with shape {value.shape} "
-                              f"from checkpoint, the shape in current model is {param.shape}.")
+            problem = _value_problem(name, value, param)
+            if problem is not None:
+                errors.append(problem[1])
             arrays[name] = value
         if errors:
             raise RuntimeError(f"Error(s) in loading state_dict for {self._name}:\n\t" + "\n\t".join(errors))
@@ -133,11 +170,45 @@ class _Module:
                              f"({self.dtype}). Convert the input with .astype(np.{self.dtype}), or build "
                              f"the module with dtype=np.{x.dtype}")
 
-    def _saved(self):
-        if self._ctx is None:
-            raise RuntimeError(f"{self._name}.backward() called before any forward call: "
-                               "run the forward pass first")
-        return self._ctx
+    def _summed_bias(self, sfx=""):
+        """b = b_ih + b_hh, computed again only when either bias changed (their versions moved).
+        A new array each time, never written in place: contexts holding the old one stay valid."""
+        b_ih, b_hh = self._params["bias_ih" + sfx], self._params["bias_hh" + sfx]
+        versions = (b_ih._cell[0], b_hh._cell[0])
+        hit = self._derived.get(sfx)
+        if hit is None or hit[0] != versions:
+            hit = self._derived[sfx] = (versions, self._plain["bias_ih" + sfx] + self._plain["bias_hh" + sfx])
+        return hit[1]
+
+    def _record(self, saved, arrays, return_ctx):
+        """After a forward: its context (None under no_grad), also kept as the module's latest.
+        arrays: [(label, array the caller passed)] that the saved caches may reference."""
+        if saved is None:
+            self._last = NO_GRAD
+            return None
+        ctx = contexts.record(self, saved, self._params, arrays)
+        ctx.handed_out = bool(return_ctx)
+        self._last = ctx
+        return ctx
+
+    @property
+    def _caches(self):
+        """The latest forward's layer caches ([layer][direction]), None under no_grad or once freed."""
+        last = self._last
+        return last.caches if isinstance(last, contexts.Context) else None
+
+
+def _value_problem(name, value, param):
+    """Why `value` cannot be copied into parameter `name`, as (exception type, message), or None."""
+    if value.shape != param.shape:
+        return RuntimeError, (f"size mismatch for {name}: copying a param with shape {value.shape} "
+                              f"from checkpoint, the shape in current model is {param.shape}.")
+    if value.dtype.kind not in "biuf":
+        return TypeError, f"{name} has dtype {value.dtype}; a real number type convertible to {param.dtype} is needed."
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        bad = int(value.size - np.isfinite(value).sum())
+        return RuntimeError, f"{name} has {bad} non-finite value(s) (NaN or Inf) out of {value.size}."
+    return None
 
 
 class _RNNBase(_Module):
@@ -195,8 +266,8 @@ class _RNNBase(_Module):
 
     def _layer_params(self, layer, direction):
         sfx = self._suffixes[layer][direction]
-        p = self._params
-        b = p["bias_ih" + sfx] + p["bias_hh" + sfx] if self.bias else None
+        p = self._plain
+        b = self._summed_bias(sfx) if self.bias else None
         return sfx, p["weight_ih" + sfx], p["weight_hh" + sfx], b, p.get("weight_hr" + sfx)
 
     def _prepare_input(self, input):
@@ -242,10 +313,9 @@ class _RNNBase(_Module):
             got = ", ".join(f"{r}-D" for r in ranks)
             raise RuntimeError(f"For {kind} input, {names} should also be {want}-D but got ({got}) tensors")
 
-    def _run_stack(self, x, h0, c0, backend):
-        """Forward through every layer and direction. x (L, N, I) -> (L, N, D*P), h_n, c_n."""
-        # Drop the previous call's activations first, so two sets never coexist (peak memory).
-        self._ctx = self._caches = self._masks = None
+    def _run_stack(self, x, h0, c0, backend, save):
+        """Forward through every layer and direction. x (L, N, I) -> (L, N, D*P), h_n, c_n, and what
+        backward needs ({"caches", "masks"}), or None when save is False (no_grad)."""
         D, L_ = self._D, self.num_layers
         h_n = np.empty_like(h0)
         c_n = np.empty_like(c0) if c0 is not None else None
@@ -265,31 +335,35 @@ class _RNNBase(_Module):
                 _, W_ih, W_hh, b, W_hr = self._layer_params(layer, d)
                 xin = np.ascontiguousarray(x if d == 0 else x[::-1])
                 if self.mode == "LSTM":
-                    out, h_T, c_T, cache = backend.lstm_layer_forward(xin, h0[idx], c0[idx], W_ih, W_hh, b, W_hr)
+                    out, h_T, c_T, cache = backend.lstm_layer_forward(xin, h0[idx], c0[idx], W_ih, W_hh, b, W_hr,
+                                                                      save=save)
                     c_n[idx] = c_T
                 else:
                     nl = "tanh" if self.mode == "RNN_TANH" else "relu"
-                    out, h_T, cache = backend.rnn_layer_forward(xin, h0[idx], W_ih, W_hh, b, nl)
+                    out, h_T, cache = backend.rnn_layer_forward(xin, h0[idx], W_ih, W_hh, b, nl, save=save)
                 h_n[idx] = h_T
                 outs.append(out if d == 0 else out[::-1])
                 layer_caches.append(cache)
             caches.append(layer_caches)
             x = outs[0] if D == 1 else np.concatenate(outs, axis=2)
-        self._caches = caches   # [layer][direction]: what each layer saw, for backward and the lessons
-        self._masks = masks
-        return x, h_n, c_n
+        if not save:
+            return x, h_n, c_n, None
+        if D == 1:   # the top layer's cache holds its output as h: the caller gets a copy to edit freely
+            x = x.copy()
+        return x, h_n, c_n, {"caches": caches, "masks": masks}
 
-    def _backward_stack(self, dy, dh_n, dc_n, backend):
+    def _backward_stack(self, dy, dh_n, dc_n, saved):
         """Backward through the stack in reverse. dy (L, N, D*P) -> dx (L, N, I), dh_0, dc_0."""
         D, P = self._D, self._P
+        backend = saved["backend"]
         dh0 = np.empty_like(dh_n)
         dc0 = np.empty_like(dc_n) if dc_n is not None else None
         for layer in reversed(range(self.num_layers)):
             dx_layer = None
             for d in range(D):
                 idx = layer * D + d
-                sfx, *_ = self._layer_params(layer, d)
-                cache = self._caches[layer][d]
+                sfx = self._suffixes[layer][d]
+                cache = saved["caches"][layer][d]
                 dout = dy[:, :, d * P:(d + 1) * P]
                 dout = np.ascontiguousarray(dout if d == 0 else dout[::-1])
                 if self.mode == "LSTM":
@@ -308,37 +382,57 @@ class _RNNBase(_Module):
                     self.grads["bias_hh" + sfx] += db
                 dx = dx if d == 0 else dx[::-1]
                 dx_layer = dx if dx_layer is None else dx_layer + dx
-            if self._masks[layer] is not None:
-                dx_layer = dx_layer * self._masks[layer]
+            if saved["masks"][layer] is not None:
+                dx_layer = dx_layer * saved["masks"][layer]
             dy = dx_layer
         return dy, dh0, dc0
 
-    def _prepare_grad(self, grad, name, expected, batched):
-        g = np.asarray(grad)
-        if g.shape != expected:
-            raise RuntimeError(f"{self._name}.backward: {name} must have the shape of the forward's "
-                               f"{name.removeprefix('grad_')}, {expected}, got {g.shape}")
-        if g.dtype != self.dtype:
-            g = g.astype(self.dtype)
-        return g
+    def _forward(self, x, h0, c0, batched, given, return_ctx):
+        """The stack forward and its context. given: [(label, array the caller passed)]."""
+        self._last = None   # drop the previous context first, so two sets of caches never coexist
+        backend = _backend()
+        save = is_grad_enabled()
+        y, h_n, c_n, saved = self._run_stack(x, h0, c0, backend, save)
+        output = self._finish_output(y, batched)
+        if saved is not None:
+            saved.update(batched=batched, N=x.shape[1], out_shape=output.shape, backend=backend)
+        ctx = self._record(saved, given, return_ctx)
+        state = self._state_out(h_n, batched) if c_n is None else \
+            (self._state_out(h_n, batched), self._state_out(c_n, batched))
+        return (output, state, ctx) if return_ctx else (output, state)
 
-    def _backward_prologue(self, grad_output):
-        ctx = self._saved()
-        dy = self._prepare_grad(grad_output, "grad_output", ctx["out_shape"], ctx["batched"])
-        if not ctx["batched"]:
-            dy = dy[:, None, :]
+    def _backward(self, grad_output, grad_h_n, grad_c_n, ctx, retain):
+        """Checks, then the stack backward: grad_x, grad_h_0, grad_c_0 (None for an RNN)."""
+        ctx = contexts.take(self, ctx)
+        saved = ctx.saved
+        batched = saved["batched"]
+        dy = self._grad_in(grad_output, "grad_output", saved["out_shape"])
+        dh_n = self._grad_in(grad_h_n, "grad_h_n", self._state_shape(self._P, saved))
+        dc_n = None if self.mode != "LSTM" else \
+            self._grad_in(grad_c_n, "grad_c_n", self._state_shape(self.hidden_size, saved))
+        if not batched:   # back to the layers' layout: (L, N, .) and (num_layers*D, N, .)
+            dy, dh_n = dy[:, None, :], dh_n[:, None, :]
+            dc_n = None if dc_n is None else dc_n[:, None, :]
         elif self.batch_first:
             dy = dy.swapaxes(0, 1)
-        return ctx, dy
+        dx, dh0, dc0 = self._backward_stack(dy, dh_n, dc_n, saved)
+        contexts.done(ctx, retain)
+        return self._finish_output(dx, batched), self._state_out(dh0, batched), \
+            None if dc0 is None else self._state_out(dc0, batched)
 
-    def _state_grad(self, grad, name, size, ctx):
-        """A grad for h_n / c_n as (num_layers*D, N, size); None gives zeros."""
-        full = (self.num_layers * self._D, ctx["N"], size)
+    def _state_shape(self, size, saved):
+        full = (self.num_layers * self._D, saved["N"], size)
+        return full if saved["batched"] else (full[0], full[2])
+
+    def _grad_in(self, grad, name, shown):
+        """A gradient given to backward, checked against the shape the forward returned; None: zeros."""
         if grad is None:
-            return np.zeros(full, dtype=self.dtype)
-        shown = full if ctx["batched"] else (full[0], full[2])
-        g = self._prepare_grad(grad, name, shown, ctx["batched"])
-        return g if ctx["batched"] else g[:, None, :]
+            return np.zeros(shown, dtype=self.dtype)
+        g = np.asarray(grad)
+        if g.shape != shown:
+            raise RuntimeError(f"{self._name}.backward: {name} must have the shape of the forward's "
+                               f"{name.removeprefix('grad_')}, {shown}, got {g.shape}")
+        return g if g.dtype == self.dtype else g.astype(self.dtype)
 
     def _finish_output(self, y, batched):
         if not batched:
@@ -364,7 +458,8 @@ class LSTM(_RNNBase):
     output, (h_n, c_n) = lstm(x, (h_0, c_0))      x (L, N, I), (N, L, I) if batch_first, or (L, I)
         output (L, N, D*P); h_n (num_layers*D, N, P); c_n (num_layers*D, N, H)
     grad_x, (grad_h_0, grad_c_0) = lstm.backward(grad_output, (grad_h_n, grad_c_n))
-        backward of the latest forward call; parameter gradients are added into lstm.grads.
+        each gradient optional; parameter gradients are added into lstm.grads.
+    output, (h_n, c_n), ctx = lstm(x, hx, return_ctx=True);  lstm.backward(..., ctx=ctx)
     """
 
     _name = "LSTM"
@@ -374,9 +469,10 @@ class LSTM(_RNNBase):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, dtype, seed)
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, return_ctx=False):
         x, batched = self._prepare_input(input)
         N = x.shape[1]
+        given = [("the input", input)]
         if hx is None:
             h0 = np.zeros((self.num_layers * self._D, N, self._P), dtype=self.dtype)
             c0 = np.zeros((self.num_layers * self._D, N, self.hidden_size), dtype=self.dtype)
@@ -386,31 +482,26 @@ class LSTM(_RNNBase):
             self._check_state_ranks(hx, batched)
             h0 = self._prepare_state(hx[0], "hidden[0]", self._P, batched, N)
             c0 = self._prepare_state(hx[1], "hidden[1]", self.hidden_size, batched, N)
-        backend = _backend()
-        y, h_n, c_n = self._run_stack(x, h0, c0, backend)
-        output = self._finish_output(y, batched)
-        self._ctx = {"batched": batched, "N": N, "out_shape": output.shape, "backend": backend}
-        return output, (self._state_out(h_n, batched), self._state_out(c_n, batched))
+            given += [("h_0", hx[0]), ("c_0", hx[1])]
+        return self._forward(x, h0, c0, batched, given, return_ctx)
 
-    def backward(self, grad_output, grad_hx=None):
-        """Gradients of the latest forward: grad_x, (grad_h_0, grad_c_0); parameter grads are added."""
-        ctx, dy = self._backward_prologue(grad_output)
-        if grad_hx is None:
-            grad_hx = (None, None)
-        elif not isinstance(grad_hx, (tuple, list)) or len(grad_hx) != 2:
-            raise TypeError(f"LSTM.backward: grad_hx must be a tuple (grad_h_n, grad_c_n) or None, "
-                            f"got {type(grad_hx).__name__}")
-        dh_n = self._state_grad(grad_hx[0], "grad_h_n", self._P, ctx)
-        dc_n = self._state_grad(grad_hx[1], "grad_c_n", self.hidden_size, ctx)
-        dx, dh0, dc0 = self._backward_stack(dy, dh_n, dc_n, ctx["backend"])
-        b = ctx["batched"]
-        return self._finish_output(dx, b), (self._state_out(dh0, b), self._state_out(dc0, b))
+    def backward(self, grad_output=None, grad_state=None, *, ctx=None, retain=False):
+        """grad_x, (grad_h_0, grad_c_0) of a forward: the latest one's, or ctx's. grad_state is
+        (grad_h_n, grad_c_n), either may be None; parameter gradients are added into lstm.grads."""
+        if grad_state is None:
+            grad_state = (None, None)
+        elif not isinstance(grad_state, (tuple, list)) or len(grad_state) != 2:
+            raise TypeError("LSTM.backward: grad_state must be a tuple (grad_h_n, grad_c_n) or None, "
+                            f"got {type(grad_state).__name__}")
+        dx, dh0, dc0 = self._backward(grad_output, grad_state[0], grad_state[1], ctx, retain)
+        return dx, (dh0, dc0)
 
 
 class RNN(_RNNBase):
     """Multi-layer Elman RNN, torch.nn.RNN's contract: h_t = tanh or relu(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh).
 
-    output, h_n = rnn(x, h_0);   grad_x, grad_h_0 = rnn.backward(grad_output, grad_h_n=None)
+    output, h_n = rnn(x, h_0);   grad_x, grad_h_0 = rnn.backward(grad_output=None, grad_state=None)
+    output, h_n, ctx = rnn(x, h_0, return_ctx=True);  rnn.backward(..., ctx=ctx)
     """
 
     _name = "RNN"
@@ -423,7 +514,7 @@ class RNN(_RNNBase):
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size, hidden_size,
                          num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, seed)
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, return_ctx=False):
         x, batched = self._prepare_input(input)
         N = x.shape[1]
         if hx is None:
@@ -434,18 +525,12 @@ class RNN(_RNNBase):
                 raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got "
                                    f"{np.ndim(hx)}-D tensor")
             h0 = self._prepare_state(hx, "hidden", self.hidden_size, batched, N)
-        backend = _backend()
-        y, h_n, _ = self._run_stack(x, h0, None, backend)
-        output = self._finish_output(y, batched)
-        self._ctx = {"batched": batched, "N": N, "out_shape": output.shape, "backend": backend}
-        return output, self._state_out(h_n, batched)
+        return self._forward(x, h0, None, batched, [("the input", input), ("h_0", hx)], return_ctx)
 
-    def backward(self, grad_output, grad_h_n=None):
-        ctx, dy = self._backward_prologue(grad_output)
-        dh_n = self._state_grad(grad_h_n, "grad_h_n", self.hidden_size, ctx)
-        dx, dh0, _ = self._backward_stack(dy, dh_n, None, ctx["backend"])
-        b = ctx["batched"]
-        return self._finish_output(dx, b), self._state_out(dh0, b)
+    def backward(self, grad_output=None, grad_state=None, *, ctx=None, retain=False):
+        """grad_x, grad_h_0 of a forward: the latest one's, or ctx's. grad_state is grad_h_n or None."""
+        dx, dh0, _ = self._backward(grad_output, grad_state, None, ctx, retain)
+        return dx, dh0
 
 
 class _CellBase(_Module):
@@ -496,17 +581,36 @@ class _CellBase(_Module):
         return x, out, batched
 
     def _b(self):
-        return self._params["bias_ih"] + self._params["bias_hh"] if self.bias else None
+        return self._summed_bias() if self.bias else None
 
-    def _grad_in(self, grad, name, ctx):
+    def _step(self, x, states, batched, given, return_ctx):
+        """One step through the layer function (a sequence of length 1) and its context."""
+        self._last = None
+        p = self._plain
+        backend = _backend()
+        save = is_grad_enabled()
+        if len(states) == 2:
+            _, h, c, cache = backend.lstm_layer_forward(x[None], states[0], states[1], p["weight_ih"],
+                                                        p["weight_hh"], self._b(), None, save=save)
+            state = (h, c) if batched else (h[0], c[0])
+        else:
+            _, h, cache = backend.rnn_layer_forward(x[None], states[0], p["weight_ih"], p["weight_hh"],
+                                                    self._b(), self.nonlinearity, save=save)
+            state = h if batched else h[0]
+        saved = None if cache is None else {"cache": cache, "batched": batched, "N": x.shape[0],
+                                            "backend": backend, "caches": [[cache]]}
+        ctx = self._record(saved, given, return_ctx)
+        return (state, ctx) if return_ctx else state
+
+    def _grad_in(self, grad, name, saved):
         if grad is None:
-            return np.zeros((ctx["N"], self.hidden_size), dtype=self.dtype)
+            return np.zeros((saved["N"], self.hidden_size), dtype=self.dtype)
         g = np.asarray(grad)
-        expected = (ctx["N"], self.hidden_size) if ctx["batched"] else (self.hidden_size,)
+        expected = (saved["N"], self.hidden_size) if saved["batched"] else (self.hidden_size,)
         if g.shape != expected:
             raise RuntimeError(f"{self._name}.backward: {name} must have shape {expected}, got {g.shape}")
         g = g.astype(self.dtype, copy=False)
-        return g if ctx["batched"] else g[None]
+        return g if saved["batched"] else g[None]
 
     def _accumulate(self, dW_ih, dW_hh, db):
         self.grads["weight_ih"] += dW_ih
@@ -515,6 +619,11 @@ class _CellBase(_Module):
             self.grads["bias_ih"] += db
             self.grads["bias_hh"] += db
 
+    def _given(self, input, hx):
+        states = hx if isinstance(hx, (tuple, list)) else (hx,)
+        labels = ("hx[0]", "hx[1]") if len(states) == 2 else ("hx",)
+        return [("the input", input)] + list(zip(labels, states))
+
     def __repr__(self):
         return f"{self._name}({self.input_size}, {self.hidden_size}{'' if self.bias else ', bias=False'})"
 
@@ -522,7 +631,9 @@ class _CellBase(_Module):
 class LSTMCell(_CellBase):
     """One LSTM step: h', c' = cell(x, (h, c)); x (N, I) or (I,), h and c (N, H) or (H,).
 
-    grad_x, (grad_h, grad_c) = cell.backward(grad_h_next, grad_c_next=None)
+    grad_x, (grad_h, grad_c) = cell.backward((grad_h', grad_c'))    either may be None
+    (h', c'), ctx = cell(x, (h, c), return_ctx=True);  cell.backward(grad_state, ctx=ctx): a loop
+    over steps keeps the list of contexts and walks it in reverse (backpropagation through time).
     """
 
     _name = "LSTMCell"
@@ -530,29 +641,34 @@ class LSTMCell(_CellBase):
     def __init__(self, input_size, hidden_size, bias=True, *, dtype=np.float32, seed=None):
         super().__init__(input_size, hidden_size, bias, 4, dtype, seed)
 
-    def forward(self, input, hx=None):
-        x, (h, c), batched = self._prepare(input, (None, None) if hx is None else hx)
-        p = self._params
-        backend = _backend()
-        out, h_T, c_T, cache = backend.lstm_layer_forward(x[None], h, c, p["weight_ih"], p["weight_hh"],
-                                                          self._b(), None)
-        self._ctx = {"cache": cache, "batched": batched, "N": x.shape[0], "backend": backend}
-        return (h_T, c_T) if batched else (h_T[0], c_T[0])
+    def forward(self, input, hx=None, *, return_ctx=False):
+        x, states, batched = self._prepare(input, (None, None) if hx is None else hx)
+        return self._step(x, states, batched, self._given(input, hx), return_ctx)
 
-    def backward(self, grad_h, grad_c=None):
-        ctx = self._saved()
-        dh = self._grad_in(grad_h, "grad_h", ctx)
-        dc = self._grad_in(grad_c, "grad_c", ctx)
-        dx, dh0, dc0, dW_ih, dW_hh, db, _ = ctx["backend"].lstm_layer_backward(
-            np.zeros_like(dh)[None], dh, dc, ctx["cache"])
+    def backward(self, grad_state=None, *, ctx=None, retain=False):
+        """grad_x, (grad_h, grad_c) of a forward (the latest one's, or ctx's) from grad_state =
+        (grad_h', grad_c'), the gradients at the state it returned; parameter grads are added."""
+        ctx = contexts.take(self, ctx)
+        if grad_state is None:
+            grad_state = (None, None)
+        elif not isinstance(grad_state, (tuple, list)) or len(grad_state) != 2:
+            raise TypeError("LSTMCell.backward: grad_state must be a tuple (grad_h, grad_c) or None, "
+                            f"got {type(grad_state).__name__}")
+        saved = ctx.saved
+        dh = self._grad_in(grad_state[0], "grad_h", saved)
+        dc = self._grad_in(grad_state[1], "grad_c", saved)
+        dx, dh0, dc0, dW_ih, dW_hh, db, _ = saved["backend"].lstm_layer_backward(
+            np.zeros_like(dh)[None], dh, dc, saved["cache"])
         self._accumulate(dW_ih, dW_hh, db)
+        contexts.done(ctx, retain)
         dx = dx[0]
-        return (dx, (dh0, dc0)) if ctx["batched"] else (dx[0], (dh0[0], dc0[0]))
+        return (dx, (dh0, dc0)) if saved["batched"] else (dx[0], (dh0[0], dc0[0]))
 
 
 class RNNCell(_CellBase):
-    """One Elman RNN step: h' = cell(x, h). grad_x, grad_h = cell.backward(grad_h_next).
+    """One Elman RNN step: h' = cell(x, h). grad_x, grad_h = cell.backward(grad_h').
 
+    h', ctx = cell(x, h, return_ctx=True);  cell.backward(grad_state, ctx=ctx)
     An unknown nonlinearity is refused here, at construction, with ValueError (as nn.RNN does);
     torch.nn.RNNCell only notices it at the first forward call.
     """
@@ -565,19 +681,17 @@ class RNNCell(_CellBase):
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, bias, 1, dtype, seed)
 
-    def forward(self, input, hx=None):
-        x, (h,), batched = self._prepare(input, (hx,))
-        p = self._params
-        backend = _backend()
-        out, h_T, cache = backend.rnn_layer_forward(x[None], h, p["weight_ih"], p["weight_hh"], self._b(),
-                                                    self.nonlinearity)
-        self._ctx = {"cache": cache, "batched": batched, "N": x.shape[0], "backend": backend}
-        return h_T if batched else h_T[0]
+    def forward(self, input, hx=None, *, return_ctx=False):
+        x, states, batched = self._prepare(input, (hx,))
+        return self._step(x, states, batched, self._given(input, hx), return_ctx)
 
-    def backward(self, grad_h):
-        ctx = self._saved()
-        dh = self._grad_in(grad_h, "grad_h", ctx)
-        dx, dh0, dW_ih, dW_hh, db = ctx["backend"].rnn_layer_backward(np.zeros_like(dh)[None], dh, ctx["cache"])
+    def backward(self, grad_state=None, *, ctx=None, retain=False):
+        """grad_x, grad_h of a forward (the latest one's, or ctx's) from grad_state = grad_h'."""
+        ctx = contexts.take(self, ctx)
+        saved = ctx.saved
+        dh = self._grad_in(grad_state, "grad_h", saved)
+        dx, dh0, dW_ih, dW_hh, db = saved["backend"].rnn_layer_backward(np.zeros_like(dh)[None], dh, saved["cache"])
         self._accumulate(dW_ih, dW_hh, db)
+        contexts.done(ctx, retain)
         dx = dx[0]
-        return (dx, dh0) if ctx["batched"] else (dx[0], dh0[0])
+        return (dx, dh0) if saved["batched"] else (dx[0], dh0[0])

@@ -130,7 +130,7 @@ def test_backward_with_a_grad_of_the_wrong_shape():
     c = LSTMCell(3, 5)
     c(z(2, 3))
     with pytest.raises(RuntimeError, match=r"grad_h.*\(2, 5\).*\(2, 4\)"):
-        c.backward(z(2, 4))
+        c.backward((z(2, 4), None))
 
 
 def test_load_state_dict_rejects_wrong_keys_and_shapes_without_changing_anything():

@@ -27,7 +27,7 @@ def _backward(module, weights):
     if isinstance(module, LSTM):
         dx, (dh, dc) = module.backward(weights[0], (weights[1], weights[2]))
     elif isinstance(module, LSTMCell):
-        dx, (dh, dc) = module.backward(weights[0], weights[1])
+        dx, (dh, dc) = module.backward((weights[0], weights[1]))
     else:
         dx, dh = module.backward(*weights)
         return {"input": dx, "h_0": dh}
@@ -93,11 +93,11 @@ def test_lstm_dropout_gradients_with_a_fixed_mask(backend):
     check(lstm, x, (h0, c0), seed_dropout=123)
     # the mask really drops something, and in eval mode nothing is dropped
     lstm.dropout_rng = np.random.default_rng(123)
-    out_train, _ = lstm(x, (h0, c0))
-    assert any(m is not None and (m == 0).any() for m in lstm._masks)
+    out_train, _, ctx = lstm(x, (h0, c0), return_ctx=True)
+    assert any(m is not None and (m == 0).any() for m in ctx.saved["masks"])
     lstm.eval()
-    out_eval, _ = lstm(x, (h0, c0))
-    assert all(m is None for m in lstm._masks)
+    out_eval, _, ctx = lstm(x, (h0, c0), return_ctx=True)
+    assert all(m is None for m in ctx.saved["masks"])
     assert not np.allclose(out_train, out_eval)
 
 

@@ -91,7 +91,7 @@ def test_backward_uses_the_backend_its_forward_ran_on(monkeypatch):
         r, _ = rnn(x)
         monkeypatch.setenv("LSTMKIT_REFERENCE", backward_env)
         dx, _ = lstm.backward(np.ones_like(out))
-        dxc, _ = cell.backward(np.ones_like(h))
+        dxc, _ = cell.backward((np.ones_like(h), None))
         dxr, _ = rnn.backward(np.ones_like(r))
         grads.append((dx, dxc, dxr))
     for other in grads[1:]:

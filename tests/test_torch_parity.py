@@ -119,7 +119,7 @@ def test_lstm_cell_matches_torch(dtype, bias, batched, hx_given, backend):
     assert_close(c1, t_c1, dtype, "c'")
     g_h, g_c = (rng.standard_normal(h1.shape).astype(dtype) for _ in range(2))
     weighted_sum((t_h1, t_c1), (g_h, g_c)).backward()
-    dx, (dh, dc) = ours.backward(g_h, g_c)
+    dx, (dh, dc) = ours.backward((g_h, g_c))
     assert_close(dx, tx.grad, dtype, "grad input")
     if hx_given:
         assert_close(dh, th.grad, dtype, "grad h")
