@@ -59,9 +59,11 @@ def _active(batch_sizes, T, B):
     return [B] * T if batch_sizes is None else check_batch_sizes(batch_sizes, T, B).tolist()
 
 
-def reference_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None):
+def reference_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None, *, save=True):
     """One GRU layer in one direction. x (T, B, I), h0 (B, H), W_ih (G, I), W_hh (G, H),
-    b_ih, b_hh (G,) or None, batch_sizes (T,) or None. Returns out (T, B, H), h_T (B, H), cache."""
+    b_ih, b_hh (G,) or None, batch_sizes (T,) or None. Returns out (T, B, H), h_T (B, H), cache
+    (None when save is False: no backward will follow, as under lstmkit.no_grad()). The cache
+    references x, h0 and the weights, not copies."""
     T, B, I = x.shape
     H = W_hh.shape[1]
     active = _active(batch_sizes, T, B)
@@ -80,6 +82,8 @@ def reference_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None)
         gates[t, :n_t] = np.concatenate([r, z, n], axis=1)
         ha_n[t, :n_t] = ha[:, 2 * H :]
         out[t, :n_t] = h[:n_t]
+    if not save:
+        return out, h, None
     cache = {"path": "reference", "x": x, "h0": h0, "W_ih": W_ih, "W_hh": W_hh, "active": active,
              "has_b_ih": b_ih is not None, "has_b_hh": b_hh is not None,
              "gates": gates, "ha_n": ha_n, "h": out}
@@ -188,7 +192,7 @@ def _packing(batch_sizes, T, B):
     return start, np.flatnonzero(np.arange(B)[None, :] < bs[:, None])
 
 
-def fused_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None):
+def fused_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None, *, save=True):
     """reference_forward's contract, fused. The cache holds packed rows (N, ·), not (T, B, ·)."""
     dt = np.result_type(x.dtype, W_ih.dtype)
     x, h0 = np.ascontiguousarray(x, dt), np.ascontiguousarray(h0, dt)
@@ -201,7 +205,8 @@ def fused_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None):
     xr = x.reshape(T * B, I) if rows is None else x.reshape(T * B, I)[rows]     # (N, I)
     N = xr.shape[0]
     gates = _mm(xr, W_ih.T)                 # (N, G): x W_ih^T, turned into r, z, n in place
-    ha_n = np.empty((N, H), dt)
+    # ha_n is kept for backward; without one, a (B, H) scratch takes each step's in turn.
+    ha_n = np.empty((N if save else B, H), dt)
     h = np.empty((N, H), dt)                # h_t of every real row
     rec = np.empty((B, G), dt)
     h_prev = h0
@@ -210,7 +215,8 @@ def fused_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None):
             s, e = start[t], start[t + 1]
             n = e - s                       # the running rows are a prefix of the previous step's
             np.matmul(h_prev[:n], W_hh.T, out=rec[:n])
-            _gru_fwd_step(gates[s:e], rec[:n], bi, bh, h_prev[:n], ha_n[s:e], h[s:e])
+            _gru_fwd_step(gates[s:e], rec[:n], bi, bh, h_prev[:n], ha_n[s:e] if save else ha_n[:n],
+                          h[s:e])
             h_prev = h[s:e]
     if rows is None:
         out = h.reshape(T, B, H)
@@ -221,6 +227,8 @@ def fused_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None):
         out = out.reshape(T, B, H)
         last = start[:-1][_lengths(start) - 1] + np.arange(B)   # each sequence's own last step
         h_T = h[last]
+    if not save:
+        return out, h_T, None
     cache = {"path": "fused", "xr": xr, "x_shape": x.shape, "h0": h0, "W_ih": W_ih, "W_hh": W_hh,
              "has_b_ih": b_ih is not None, "has_b_hh": b_hh is not None, "start": start,
              "rows": rows, "gates": gates, "ha_n": ha_n, "h": h}
@@ -277,12 +285,12 @@ def _use_fused():
     return AVAILABLE and os.environ.get("LSTMKIT_REFERENCE") != "1"
 
 
-def gru_layer_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None):
+def gru_layer_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None, *, save=True):
     """One GRU layer, one direction: the fused path, or the reference when LSTMKIT_REFERENCE=1.
     x (T, B, I), h0 (B, H), W_ih (G, I), W_hh (G, H), b_ih, b_hh (G,) or None, batch_sizes (T,)
-    or None. Returns out (T, B, H), h_T (B, H), cache."""
+    or None. Returns out (T, B, H), h_T (B, H), cache (None when save is False)."""
     forward = fused_forward if _use_fused() else reference_forward
-    return forward(x, h0, W_ih, W_hh, b_ih, b_hh, batch_sizes)
+    return forward(x, h0, W_ih, W_hh, b_ih, b_hh, batch_sizes, save=save)
 
 
 def gru_layer_backward(dout, dh_T, cache):

@@ -96,18 +96,20 @@ def segments(batch_sizes):
     return [(t0, t1, int(bs[t0])) for t0, t1 in zip(cuts[:-1], cuts[1:])]
 
 
-def packed_layer_forward(forward, x, states, params, batch_sizes):
+def packed_layer_forward(forward, x, states, params, batch_sizes, *, save=True):
     """Run forward(x, *states, *params) -> (out, *final_states, cache), an ordinary layer, over a
     packed batch: x (T, B, I) sorted, states a tuple of (B, ·) arrays (h0, or h0 and c0).
     Returns (out (T, B, ·) with zeros at padding, *final_states, cache); final state row b is
-    sequence b's state after its own last step."""
+    sequence b's state after its own last step. save=False is handed to the layer (its
+    no-backward mode) and the cache is None."""
+    extra = {} if save else {"save": False}    # layers without that mode still run
     T, B = x.shape[:2]
     bs = check_batch_sizes(batch_sizes, T, B)
     state = [np.array(s) for s in states]            # running state; rows [:n] advance per call
     out, caches = None, []
     for t0, t1, n in segments(bs):
         # Copies: the layer's cache keeps its initial state, and `state` is overwritten below.
-        result = forward(x[t0:t1, :n], *(s[:n].copy() for s in state), *params)
+        result = forward(x[t0:t1, :n], *(s[:n].copy() for s in state), *params, **extra)
         seg_out, seg_final, cache = result[0], result[1:-1], result[-1]
         if out is None:
             out = np.zeros((T, B) + seg_out.shape[2:], seg_out.dtype)
@@ -115,6 +117,8 @@ def packed_layer_forward(forward, x, states, params, batch_sizes):
         for s, final in zip(state, seg_final):
             s[:n] = final
         caches.append(cache)
+    if not save:
+        return (out, *state, None)
     cache = {"segments": segments(bs), "caches": caches, "x_shape": x.shape, "x_dtype": out.dtype,
              "state_shapes": [s.shape for s in state]}
     return (out, *state, cache)

@@ -262,3 +262,17 @@ def test_unsorted_packed_pipeline_matches_central_differences(backend):
         for name, p, g in zip(["W_ih", "W_hh", "b_ih", "b_hh"], weights[k], grads[k]):
             np.testing.assert_allclose(g, numerical_grad(loss, p), rtol=1e-6, atol=1e-7,
                                        err_msg=f"{name} direction {k}")
+
+
+@pytest.mark.parametrize("lengths", [None, [3, 2, 2, 1]], ids=["full", "packed"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_save_false_gives_the_same_numbers_and_no_cache(path, lengths):
+    rng = np.random.default_rng(9)
+    T, B, I, H = 3, 4, 2, 5
+    bs = None if lengths is None else _batch_sizes(lengths, T)
+    args = (rng.standard_normal((T, B, I)), rng.standard_normal((B, H)), *_weights(rng, I, H, np.float64))
+    out, h_T, cache = PATHS[path][0](*args, batch_sizes=bs)
+    out2, h_T2, cache2 = PATHS[path][0](*args, batch_sizes=bs, save=False)
+    assert cache is not None and cache2 is None
+    np.testing.assert_array_equal(out2, out)
+    np.testing.assert_array_equal(h_T2, h_T)

@@ -295,6 +295,10 @@ def test_segment_runner_agrees_with_native_batch_sizes(path):
     out2, h_T2, cache2 = packed.packed_layer_forward(forward, x, [h0], params, bs)
     grads2 = packed.packed_layer_backward(backward, dout, [dh], cache2)
     assert len(packed.segments(bs)) == 4
+    out3, h_T3, cache3 = packed.packed_layer_forward(forward, x, [h0], params, bs, save=False)
+    assert cache3 is None
+    np.testing.assert_array_equal(out3, out2)
+    np.testing.assert_array_equal(h_T3, h_T2)
     np.testing.assert_allclose(out2, out, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(h_T2, h_T, rtol=1e-12, atol=1e-12)
     for k, (g2, g) in enumerate(zip(grads2, grads)):
