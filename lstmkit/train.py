@@ -29,7 +29,8 @@ import uuid
 import numpy as np
 
 from . import __version__
-from .checkpoint import POINTER, CheckpointError, atomic_write, read_checkpoint, read_pointer, save_checkpoint
+from .checkpoint import (POINTER, CheckpointError, atomic_write, read_checkpoint, read_pointer, run_lock, run_state,
+                         save_checkpoint)
 from .config import EXPLODE_FACTOR, MAIN_JOB_MINUTES, LMError, TrainConfig, validate
 from .data import BatchStream, read_text, split_train_val, text_digest
 from .evaluate import LN2, evaluate
@@ -161,16 +162,18 @@ class Trainer:
                                            "state": os.path.basename(start["dir"])}
 
     def _check_out_dir(self, out_dir):
-        """--out must be new, empty, or this run's own folder: never another run or the user's files."""
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        """--out must be new, empty (a first save that was interrupted leaves it so), or this run's
+        own folder: never another run or the user's files (checkpoint.run_state)."""
+        state = run_state(out_dir)
+        if state == "foreign" and not os.path.isdir(out_dir):
             raise LMError(f"--out {out_dir!r} exists and is not a directory")
-        ptr = read_pointer(out_dir) if os.path.isdir(out_dir) else None
+        if state == "foreign":
+            raise LMError(f"--out {out_dir!r} is a folder that is not empty and holds no lstmkit checkpoint "
+                          f"({POINTER} is missing); choose a new or empty folder")
+        ptr = read_pointer(out_dir) if state == "run" else None
         if ptr is not None and ptr.get("run_id") != self.run_id:
             raise LMError(f"--out {out_dir!r} already holds the checkpoint of another run (step "
                           f"{ptr.get('step')}); choose a new --out, or --resume it")
-        if ptr is None and os.path.isdir(out_dir) and os.listdir(out_dir):
-            raise LMError(f"--out {out_dir!r} is a folder that is not empty and holds no lstmkit checkpoint "
-                          f"({POINTER} is missing); choose a new or empty folder")
 
     def _check_writable(self):
         """Create --out and write a file in it before the first step, so that a run that could not
@@ -345,7 +348,9 @@ class Trainer:
             except ValueError:   # not the main thread: no signal handling
                 pass
         try:
-            return self._run()
+            with run_lock(self.out_dir):            # one writer per run: a second trainer is refused
+                self._check_out_dir(self.out_dir)   # again, now that no other writer can change it
+                return self._run()
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)

@@ -120,3 +120,43 @@ def test_a_tiny_temperature_is_greedy_and_finite(capsys, trained):
     tiny = capsys.readouterr().out
     assert main(["sample", trained, "--greedy", "--length", "30"]) == 0
     assert tiny == capsys.readouterr().out
+
+
+def test_a_second_trainer_on_a_run_in_training_is_refused(tmp_path, text_file):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = str(tmp_path / "busy")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "lstmkit.cli", "train", "--data", text_file, "--out", out,
+                              *SMALL, "--steps", "1000000", "--eval-every", "5"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        for line in first.stdout:                 # wait until training is under way and a state exists
+            if line.startswith("step") or time.time() > deadline:
+                break
+        for argv in (["--resume", out, "--steps", "1"], ["--data", text_file, "--out", out, "--steps", "1"]):
+            second = subprocess.run([sys.executable, "-m", "lstmkit.cli", "train", *argv, *SMALL], env=env,
+                                    capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+            assert (f"pid {first.pid}" in second.stderr or "already holds the checkpoint of another run"
+                    in second.stderr), second.stderr
+        # readers are never refused: they read the state the pointer names while the writer goes on
+        assert main(["sample", out, "--last", "--length", "5", "--seed", "0"]) == 0
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == 128 + signal.SIGTERM
+    assert main(["train", "--resume", out, "--steps", "1", "--no-progress"]) == 0   # the lock went with it
+
+
+def test_a_folder_whose_first_save_was_interrupted_can_be_trained_into(capsys, tmp_path, text_file):
+    out = tmp_path / "half"
+    (out / ".tmp-abcd1234").mkdir(parents=True)               # what a crash inside the first save leaves
+    (out / ".tmp-abcd1234" / "lstm.safetensors").write_bytes(b"partial")
+    assert main(["train", "--data", text_file, "--out", str(out), *SMALL, "--steps", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".tmp-")) == []
+    assert load_checkpoint(str(out))[2]["train"]["steps"] == 2
