@@ -9,8 +9,8 @@ Why separate processes (issue 10). A user runs one library, not both. In one pro
 disturb each other: torch's allocator raises glibc's dynamic mmap and trim thresholds for the whole
 process, which hides the page faults lstmkit pays per call when it runs alone; and each side's
 spinning BLAS/OpenMP worker threads slow whichever side is timed right after it. The old
-in-process alternating mode measured that mixture; it has been removed (it is in git history
-before this rewrite), and there is no in-process view here.
+in-process alternating mode measured that mixture; it has been removed, and there is no in-process
+view here (the old script: `git show d025eb2^:benchmarks/bench_lstm.py`).
 
 The processes. This script (the driver) imports neither library, nor NumPy. It starts workers,
 each a fresh `python bench_lstm.py --worker SIDE --size T,B,I,H,L --what ... --repeats N`:
@@ -22,7 +22,7 @@ each a fresh `python bench_lstm.py --worker SIDE --size T,B,I,H,L --what ... --r
 Both build the same float32 weights and inputs from NumPy with a fixed seed (torch through
 torch.from_numpy / load_state_dict): uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter under
 torch.nn's names, standard normal x (T, B, I) and dy (T, B, H). Each worker also reports checksums
-of its last results (sum |out|, sum |dx|, sum |dW_ih_l0|, the generated state) and the driver checks
+of its last results (sum |out|, sum |dx|, sum |dW_ih_l0|, sum |output| of the last generated step) and the driver checks
 that the two sides agree (relative difference < 1e-3); a mismatch is printed and kept in the JSON.
 
 What is timed (sizes are (T, B, I, H, layers) = time steps, batch, input size, hidden, stacked layers):
@@ -66,7 +66,10 @@ The machine (lscpu: CPU model, family/model, AVX2/AVX-512), numpy's BLAS and the
 and threads it runs (found in the lstmkit worker through lstmkit.kernels._find_openblas), torch's
 threads, BLAS, oneDNN and CPU capability, the versions, the git commit (and whether lstmkit/ had
 uncommitted changes) and the load average at start and end are printed above the table and written
-to --json. The load average at the end includes this run's own workers (about 1-2).
+to --json. The load average at the end includes this run's own workers (about 1-2). A run whose
+1-minute load average is above 0.5 at the start is marked NOT QUIET above the table: on busy cores
+torch's OpenMP threads lose far more than their share (batch-1 calls tens of times slower were
+seen on a loaded 2-core machine), so such a run says nothing about either library.
 """
 
 import argparse
@@ -96,6 +99,7 @@ WARMUP_CALLS = 2
 GATES = {"lstm": 4, "gru": 3}
 TARGETS = {"milestone": 1.0, "goal": 0.9, "gen_x": 3.0}
 CHECK_RTOL = 1e-3
+BUSY_LOAD = 0.5   # 1-minute load average above which the run is marked NOT QUIET
 HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(HERE))
 
@@ -491,6 +495,11 @@ def header(meta):
         "- load average (1, 5, 15 min) at start " + " ".join(f"{v:.2f}" for v in meta["loadavg_start"])
         + ", at end " + " ".join(f"{v:.2f}" for v in meta["loadavg_end"]) + " (the end includes this run's workers)",
     ]
+    busy = meta["loadavg_start"][0] > BUSY_LOAD
+    if busy:
+        lines.append(f"- NOT QUIET: load average {meta['loadavg_start'][0]:.2f} at the start on {m['cores']} cores. Other "
+                     "processes were running: torch's OpenMP threads (and both sides' BLAS threads) lose far more than "
+                     "their share on busy cores, so these figures are not for quoting")
     if meta["removed_env"]:
         lines.append("- removed from the workers' environment: " + ", ".join(meta["removed_env"]))
     if meta["thread_env"]:
@@ -582,7 +591,9 @@ def driver_main(args):
     meta["lstmkit_env"] = run_worker(env, "lstmkit", args.cell, "probe")
     meta["torch_env"] = run_worker(env, "torch", args.cell, "probe")
     print(f"machine: {meta['machine']['cpu']} ({meta['machine']['cores']} cores) | load average at start: "
-          + " ".join(f"{v:.2f}" for v in meta["loadavg_start"]), flush=True)
+          + " ".join(f"{v:.2f}" for v in meta["loadavg_start"])
+          + (" | NOT QUIET: other processes are running, the figures will not be for quoting"
+             if meta["loadavg_start"][0] > BUSY_LOAD else ""), flush=True)
     print(f"lstmkit fwd/gen: {meta['lstmkit_env']['lstmkit_fwd_mode']}; OpenBLAS core "
           f"{meta['lstmkit_env']['openblas_runtime'].get('core', '?')}; torch threads {meta['torch_env']['torch_threads']}"
           + (f"; removed from workers' environment: {', '.join(removed)}" if removed else ""), flush=True)
