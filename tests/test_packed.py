@@ -101,11 +101,13 @@ def test_pad_and_pack_sequence_match_torch(batch_first, padding_side):
 
 def test_packed_sequence_constructs_as_torch():
     data, bs, idx = np.arange(3.0), np.array([2, 1]), np.array([1, 0])
-    p = rnn.PackedSequence(data, bs, idx)
-    np.testing.assert_array_equal(p.unsorted_indices, [1, 0])
-    assert rnn.PackedSequence((data, bs)).sorted_indices is None
-    data_, bs_, sorted_, unsorted_ = p   # a namedtuple, unpacked as torch's is
-    assert p._fields == ("data", "batch_sizes", "sorted_indices", "unsorted_indices")
+    theirs = trnn.PackedSequence(torch.from_numpy(data), torch.from_numpy(bs), torch.from_numpy(idx))
+    _same_packed(rnn.PackedSequence(data, bs, idx), theirs)     # unsorted_indices derived
+    _same_packed(rnn.PackedSequence((data, bs)),
+                 trnn.PackedSequence((torch.from_numpy(data), torch.from_numpy(bs))))
+    with pytest.raises(AssertionError, match="list or tuple of length 2"):
+        rnn.PackedSequence(data)
+    assert rnn.PackedSequence._fields == trnn.PackedSequence._fields
 
 
 # ---------------------------------------------------------------------- errors, as torch raises them
