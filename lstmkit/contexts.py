@@ -152,9 +152,10 @@ def as_parameter(array):
 
 def fingerprint(a):
     """CRC-32 of an array's bytes: ~4 GB/s, and it changes with any edit of up to 32 bits."""
-    if a.flags.c_contiguous:
-        return zlib.crc32(a.data.cast("B") if a.ndim else a.tobytes())
-    return zlib.crc32(np.ascontiguousarray(a).data.cast("B"))
+    try:
+        return zlib.crc32(a)
+    except (ValueError, BufferError):   # not C-contiguous (or a 0-d array): hash a contiguous copy
+        return zlib.crc32(np.ascontiguousarray(a).data.cast("B"))
 
 
 class Context:
@@ -162,17 +163,17 @@ class Context:
     caches, dropout masks, shapes) and names what the forward read, so that the backward can tell
     whether it still holds:
 
-        params    [(name, parameter, version at forward)]
+        versions  each parameter's version at forward, in module._params' order
         arrays    [(label, the caller's array, fingerprint at forward)]
 
     `caches` are the layers' caches ([layer][direction] dicts, "gates" and "c" inside), for looking
     inside. A backward frees all of it unless asked to retain it.
     """
 
-    __slots__ = ("module", "saved", "params", "arrays", "state", "handed_out", "__weakref__")
+    __slots__ = ("module", "saved", "versions", "arrays", "state", "handed_out")
 
-    def __init__(self, module, saved, params, arrays):
-        self.module, self.saved, self.params, self.arrays = module, saved, params, arrays
+    def __init__(self, module, saved, versions, arrays):
+        self.module, self.saved, self.versions, self.arrays = module, saved, versions, arrays
         self.state = "ready"       # "ready" -> "freed" after a backward without retain
         self.handed_out = False
 
@@ -188,13 +189,13 @@ class Context:
 NO_GRAD = object()
 
 
-def record(module, saved, param_names, arrays):
-    """The context of a forward that just ran: versions of the named parameters, fingerprints of
-    the caller's arrays [(label, array)]."""
-    params = [(name, module._params[name], module._params[name]._cell[0]) for name in param_names]
+def record(module, saved, arrays):
+    """The context of a forward that just ran: the versions of all the module's parameters, and
+    fingerprints of the caller's arrays [(label, array or None)]."""
+    versions = [cell[0] for cell in module._cells]
     arrays = [(label, np.asarray(a)) for label, a in arrays if a is not None]
     prints = [(label, a, fingerprint(a)) for label, a in arrays]
-    return Context(module, saved, params, prints)
+    return Context(module, saved, versions, prints)
 
 
 def take(module, ctx):
@@ -227,7 +228,7 @@ def _check(name, ctx):
                            "its saved arrays were freed by the first backward. Pass retain=True to the first "
                            "backward to run another; a module stepped over several inputs keeps only its "
                            "latest forward, so use forward(..., return_ctx=True) and backward(..., ctx=ctx)")
-    for pname, p, version in ctx.params:
+    for (pname, p), version in zip(ctx.module._params.items(), ctx.versions):
         if p._cell[0] != version:
             raise RuntimeError(f"{name}.backward(): parameter {pname} was modified in place after the forward "
                                f"(version {version} at forward, now {p._cell[0]}), e.g. by an optimizer step; "

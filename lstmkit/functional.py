@@ -42,14 +42,15 @@ def sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True):
+def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W_hh_T=None):
     """Run one LSTM layer in one direction over all T steps.
 
     x (T, B, I), h0 (B, P), c0 (B, H), W_ih (G, I), W_hh (G, P), b (G,) or None, W_hr (P, H) or None.
     Returns out (T, B, P), h_T (B, P), c_T (B, H) and the cache that lstm_layer_backward needs
     (None when save is False: a forward that no backward will follow, under lstmkit.no_grad()).
     The cache references x, h0, c0 and the weights, not copies: the caller keeps them unchanged
-    until backward (modules.py checks that they were).
+    until backward (modules.py checks that they were). W_hh_T, a transposed copy of W_hh that
+    the fast path may be given, is not needed here: accepted so that both files share one signature.
     """
     T, B, I = x.shape
     G, P = W_hh.shape

@@ -404,13 +404,15 @@ def _c(a, dtype):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True):
+def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W_hh_T=None):
     """One LSTM layer, one direction, all T steps; the contract of functional.lstm_layer_forward.
 
     x (T, B, I), h0 (B, P), c0 (B, H), W_ih (G, I), W_hh (G, P), b (G,) or None, W_hr (P, H) or None.
     Returns out (T, B, P), h_T (B, P), c_T (B, H), cache. The cache keeps a reference to `out`
     (it is h_t for every t, which the backward needs); don't write into `out` before backward.
     save=False (no_grad): cache is None, and c_t, m_t live in (B, H) buffers instead of (T, B, H).
+    W_hh_T: W_hh.T as a C-contiguous array, when the caller keeps one across calls (modules.py
+    does, refreshed when W_hh changes); the batch-1 loops read it, else they copy W_hh.T per call.
     """
     dt = np.result_type(x.dtype, W_ih.dtype)
     x = _c(x, dt)
@@ -423,13 +425,15 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True):
     proj = W_hr is not None
     W_hr = _c(W_hr, dt) if proj else None
     if B == 1:
+        if W_hh_T is not None:
+            W_hh_T = _c(W_hh_T, dt)
         if T > 1:
             xa = _mm(x.reshape(T, I), W_ih.T)
-            W_hh_T = np.ascontiguousarray(W_hh.T)
+            W_hh_T = np.ascontiguousarray(W_hh.T) if W_hh_T is None else W_hh_T
         else:
-            xa = W_hh_T = np.empty((0, 0), dt)
-        gates, c, m, out, h_T, c_T = _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias,
-                                                      W_hr if proj else W_hh, proj, xa, W_hh_T)
+            xa = np.empty((0, 0), dt)
+        gates, c, m, out, h_T, c_T = _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr if proj else W_hh,
+                                                      proj, xa, W_hh_T if T > 1 else xa)
     else:
         gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh, bias, W_hr, save)
         h_T, c_T = out[-1].copy(), c[-1].copy()
@@ -437,7 +441,7 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True):
         return out, h_T, c_T, None
     cache = {"x": x, "h0": h0, "c0": c0, "W_ih": W_ih, "W_hh": W_hh, "W_hr": W_hr,
              "has_bias": b is not None, "gates": gates, "c": c,
-             "m": m if proj else None, "h": out}
+             "m": m if proj else None, "h": out, "W_hh_T": W_hh_T if B == 1 else None}
     return out, h_T, c_T, cache
 
 
@@ -490,7 +494,8 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
     dc = np.zeros((B, H), dt) if dc_T is None else np.array(dc_T, dtype=dt, order="C")
     dh_all = np.empty((T, B, P), dt) if proj else None   # dLoss/dh_t, for dW_hr after the loop
     if B == 1:
-        _lstm_layer_bwd_b1(dout[:, 0], gates[:, 0], c[:, 0], c0[0], np.ascontiguousarray(W_hh.T),
+        W_hh_T = cache["W_hh_T"] if cache["W_hh_T"] is not None else np.ascontiguousarray(W_hh.T)
+        _lstm_layer_bwd_b1(dout[:, 0], gates[:, 0], c[:, 0], c0[0], W_hh_T,
                            W_hr if proj else W_hh, proj, dh_next[0], dc[0], dgates[:, 0],
                            dh_all[:, 0] if proj else np.empty((0, 0), dt))
     else:

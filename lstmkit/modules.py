@@ -82,10 +82,11 @@ class _Module:
                         for name, shape in shapes}
         # Plain views of the same memory for the layers: NumPy never routes them through Parameter.
         self._plain = {name: p.view(np.ndarray) for name, p in self._params.items()}
+        self._cells = [p._cell for p in self._params.values()]   # their version counters
         self.grads = {name: np.zeros(p.shape, p.dtype) for name, p in self._params.items()}
         self.training = True
         self._last = None      # the latest forward's Context, NO_GRAD, or None before any forward
-        self._derived = {}     # arrays computed from the weights, with the versions they were computed at
+        self._derived_arrays = {}   # arrays computed from the weights, with the versions they were computed at
 
     def __getattr__(self, name):  # lstm.weight_ih_l0, as in torch
         params = self.__dict__.get("_params")
@@ -170,25 +171,32 @@ class _Module:
                              f"({self.dtype}). Convert the input with .astype(np.{self.dtype}), or build "
                              f"the module with dtype=np.{x.dtype}")
 
-    def _summed_bias(self, sfx=""):
-        """b = b_ih + b_hh, computed again only when either bias changed (their versions moved).
-        A new array each time, never written in place: contexts holding the old one stay valid."""
-        b_ih, b_hh = self._params["bias_ih" + sfx], self._params["bias_hh" + sfx]
-        versions = (b_ih._cell[0], b_hh._cell[0])
-        hit = self._derived.get(sfx)
+    def _derived(self, key, names, compute):
+        """compute(*parameters `names`), kept until one of them changes (its version moves): b_ih +
+        b_hh and W_hh's transposed copy are computed once per optimizer step, not once per call.
+        A new array each time, never written in place, so contexts holding the old one stay valid."""
+        versions = tuple(self._params[n]._cell[0] for n in names)
+        hit = self._derived_arrays.get(key)
         if hit is None or hit[0] != versions:
-            hit = self._derived[sfx] = (versions, self._plain["bias_ih" + sfx] + self._plain["bias_hh" + sfx])
+            hit = self._derived_arrays[key] = (versions, compute(*(self._plain[n] for n in names)))
         return hit[1]
+
+    def _summed_bias(self, sfx=""):
+        return self._derived(("b", sfx), ("bias_ih" + sfx, "bias_hh" + sfx), np.add)
+
+    def _transposed_W_hh(self, sfx=""):
+        return self._derived(("W_hh_T", sfx), ("weight_hh" + sfx,), lambda w: np.ascontiguousarray(w.T))
 
     def _record(self, saved, arrays, return_ctx):
         """After a forward: its context (None under no_grad), also kept as the module's latest.
         arrays: [(label, array the caller passed)] that the saved caches may reference."""
+        # (__dict__ directly: this runs every generated token, and __setattr__ checks parameter names)
         if saved is None:
-            self._last = NO_GRAD
+            self.__dict__["_last"] = NO_GRAD
             return None
-        ctx = contexts.record(self, saved, self._params, arrays)
+        ctx = contexts.record(self, saved, arrays)
         ctx.handed_out = bool(return_ctx)
-        self._last = ctx
+        self.__dict__["_last"] = ctx
         return ctx
 
     @property
@@ -335,8 +343,11 @@ class _RNNBase(_Module):
                 _, W_ih, W_hh, b, W_hr = self._layer_params(layer, d)
                 xin = np.ascontiguousarray(x if d == 0 else x[::-1])
                 if self.mode == "LSTM":
+                    # batch 1 reads W_hh transposed in the T > 1 forward loop and in every backward
+                    b1 = xin.shape[1] == 1 and (save or xin.shape[0] > 1)
+                    W_hh_T = self._transposed_W_hh(self._suffixes[layer][d]) if b1 else None
                     out, h_T, c_T, cache = backend.lstm_layer_forward(xin, h0[idx], c0[idx], W_ih, W_hh, b, W_hr,
-                                                                      save=save)
+                                                                      save=save, W_hh_T=W_hh_T)
                     c_n[idx] = c_T
                 else:
                     nl = "tanh" if self.mode == "RNN_TANH" else "relu"
@@ -389,7 +400,7 @@ class _RNNBase(_Module):
 
     def _forward(self, x, h0, c0, batched, given, return_ctx):
         """The stack forward and its context. given: [(label, array the caller passed)]."""
-        self._last = None   # drop the previous context first, so two sets of caches never coexist
+        self.__dict__["_last"] = None   # drop the previous context first: two sets of caches never coexist
         backend = _backend()
         save = is_grad_enabled()
         y, h_n, c_n, saved = self._run_stack(x, h0, c0, backend, save)
@@ -585,13 +596,14 @@ class _CellBase(_Module):
 
     def _step(self, x, states, batched, given, return_ctx):
         """One step through the layer function (a sequence of length 1) and its context."""
-        self._last = None
+        self.__dict__["_last"] = None
         p = self._plain
         backend = _backend()
         save = is_grad_enabled()
         if len(states) == 2:
+            W_hh_T = self._transposed_W_hh() if x.shape[0] == 1 and save else None   # only backward reads it
             _, h, c, cache = backend.lstm_layer_forward(x[None], states[0], states[1], p["weight_ih"],
-                                                        p["weight_hh"], self._b(), None, save=save)
+                                                        p["weight_hh"], self._b(), None, save=save, W_hh_T=W_hh_T)
             state = (h, c) if batched else (h[0], c[0])
         else:
             _, h, cache = backend.rnn_layer_forward(x[None], states[0], p["weight_ih"], p["weight_hh"],

@@ -245,16 +245,25 @@ def test_editing_the_returned_output_in_place_changes_no_gradient(backend):
         np.testing.assert_array_equal(g, expected[3][k], err_msg=k)
 
 
-def test_an_optimizer_step_is_seen_by_the_next_forward():
-    # b = b_ih + b_hh is computed once and kept; an in-place update must refresh it.
+@pytest.mark.parametrize("batch", [N, 1])
+def test_an_optimizer_step_is_seen_by_the_next_forward_and_backward(batch, backend):
+    # b = b_ih + b_hh (and at batch 1 W_hh's transposed copy) are computed once and kept;
+    # an in-place update of the parameters must refresh them.
     lstm, x, _, _ = lstm_and_input()
+    x = x[:, :batch]
     out, _ = lstm(x)
     lstm.backward(np.ones_like(out))
     for p, g in zip(lstm.parameters(), lstm.grads.values()):
         p -= 0.1 * g
     fresh = LSTM(I, H, dtype=np.float64, seed=1)
     fresh.load_state_dict(lstm.state_dict())
+    lstm.zero_grad()
+    for m in (lstm, fresh):
+        out, _ = m(x)
+        m.backward(np.ones_like(out))
     np.testing.assert_array_equal(lstm(x)[0], fresh(x)[0])
+    for k in lstm.grads:
+        np.testing.assert_array_equal(lstm.grads[k], fresh.grads[k], err_msg=k)
 
 
 # ---------------------------------------------------------------------- no_grad

@@ -207,3 +207,40 @@ def test_blas_thread_count_is_restored():
         assert get() == 2
     finally:
         set_(before)
+
+
+@pytest.mark.parametrize("layers", [F, K], ids=["reference", "kernels"])
+@pytest.mark.parametrize("shape", [(6, 1, 5, 8, 8), (1, 1, 3, 4, 4), (7, 3, 5, 9, 9), (4, 2, 3, 8, 5)])
+def test_forward_without_save_gives_the_same_outputs_and_no_cache(shape, layers):
+    # no_grad's path: c_t and m_t live in (B, H) buffers the steps take turns with (kernels, B > 1).
+    T, B, I, H, P = shape
+    a = _lstm_inputs(np.random.default_rng(3), T, B, I, H, P, np.float64, True)
+    args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], a["W_hr"])
+    *want, cache = layers.lstm_layer_forward(*args)
+    *got, no_cache = layers.lstm_layer_forward(*args, save=False)
+    assert cache is not None and no_cache is None
+    for g, w, what in zip(got, want, ("out", "h_T", "c_T")):
+        np.testing.assert_array_equal(g, w, err_msg=what)
+    rng = np.random.default_rng(4)
+    h0, W_ih, W_hh, b = rng.standard_normal((B, H)), rng.standard_normal((H, I)), rng.standard_normal((H, H)), \
+        rng.standard_normal(H)
+    *want, cache = layers.rnn_layer_forward(a["x"], h0, W_ih, W_hh, b)
+    *got, no_cache = layers.rnn_layer_forward(a["x"], h0, W_ih, W_hh, b, save=False)
+    assert no_cache is None
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("shape", [(6, 1, 5, 8, 8), (1, 1, 3, 4, 4), (5, 1, 4, 6, 3)])
+def test_batch_one_with_a_kept_transposed_W_hh_matches(shape):
+    # modules.py hands the batch-1 loops the W_hh.T it keeps across calls instead of a copy per call.
+    T, B, I, H, P = shape
+    a = _lstm_inputs(np.random.default_rng(4), T, B, I, H, P, np.float64, True)
+    args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], a["W_hr"])
+    dout = np.random.default_rng(5).standard_normal((T, B, P))
+    *want, cache = K.lstm_layer_forward(*args)
+    *got, kept = K.lstm_layer_forward(*args, W_hh_T=np.ascontiguousarray(a["W_hh"].T))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    for g, w in zip(K.lstm_layer_backward(dout, None, None, kept), K.lstm_layer_backward(dout, None, None, cache)):
+        np.testing.assert_array_equal(g, w)
