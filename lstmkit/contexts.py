@@ -99,8 +99,9 @@ class Parameter(np.ndarray):
     """
 
     def __array_finalize__(self, obj):
-        # A view shares its base's counter; anything else (a copy, an unpickled array) starts its own.
-        shared = self.base is not None and isinstance(obj, Parameter)
+        # A view shares its parameter's counter; anything else (a copy, p[[0, 1]], an unpickled
+        # array) starts its own. A fancy-indexed copy has a base too (a temporary): memory tells.
+        shared = isinstance(obj, Parameter) and self.base is not None and np.may_share_memory(self, obj)
         self._cell = obj._cell if shared else [0]
 
     @property
@@ -119,8 +120,8 @@ class Parameter(np.ndarray):
         if method == "at":      # np.add.at(p, idx, v) writes into its first input
             _bump(inputs[0])
         result = getattr(ufunc, method)(*_plain(inputs), **kwargs)
-        if out is not None:     # `p -= g` rebinds p to what this returns: the parameter itself
-            return out[0] if len(out) == 1 else out
+        if out is not None and all(o is not None for o in out):
+            return out[0] if len(out) == 1 else out   # `p -= g` rebinds p to this: the parameter itself
         return result
 
     def __array_function__(self, func, types, args, kwargs):

@@ -360,6 +360,8 @@ def test_parameters_count_writes_and_what_they_give_out_is_plain():
         versions.append(p._version)
     assert versions == sorted(set(versions))           # every write moved the counter
     v0 = p._version
+    picked = p[[0, 1]]                                 # fancy indexing copies: writing it is not writing p
+    picked[...] = 0.0
     for derived in (p * 2, p.sum(axis=0), p.copy(), np.zeros_like(p), lstm.state_dict()["weight_ih_l0"],
                     p.astype(np.float64)):
         assert type(derived) is np.ndarray
