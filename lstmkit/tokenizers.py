@@ -24,6 +24,7 @@ L_COUNT, V_COUNT, T_COUNT = 19, 21, 28
 N_COUNT = V_COUNT * T_COUNT          # 588 syllables per leading consonant
 S_COUNT = L_COUNT * N_COUNT          # 11,172 syllables
 UNK = "<unk>"
+MAX_VOCAB = 1 << 22                  # tokens a stored vocabulary may hold (checkpoint.MODEL_LIMITS agrees)
 
 
 class VocabularyError(LMError, ValueError):
@@ -224,8 +225,30 @@ def build_tokenizer(kind: str, text: str) -> Tokenizer:
     return cls(sorted(cls._tokens_for_vocab(text)))
 
 
+def _check_token(kind: str, i: int, tok) -> None:
+    """ValueError unless tok is a token the tokenizer `kind` could produce (and print)."""
+    if not isinstance(tok, str) or not tok:
+        raise ValueError(f"token {i} is {tok!r}; expected a non-empty string")
+    try:
+        tok.encode("utf-8")             # a lone surrogate ("\\ud800" in JSON) cannot be printed
+    except UnicodeEncodeError:
+        raise ValueError(f"token {i} is {tok!r}, which is not valid Unicode text") from None
+    if kind in ("char", "jamo") and len(tok) != 1:
+        raise ValueError(f"token {i} is {tok!r}; a {kind} vocabulary holds single characters")
+    if kind == "jamo" and _is_syllable(tok):
+        # text is decomposed before lookup, so a precomposed syllable would be an id nothing maps to
+        raise ValueError(f"token {i} is the Hangul syllable {tok!r}; a jamo vocabulary holds its jamo")
+    if kind == "word" and tok != "\n" and not _WORD_RE.fullmatch(tok):
+        raise ValueError(f"token {i} is {tok!r}; a word is \"\\n\" or characters without whitespace")
+
+
 def tokenizer_from_dict(d: dict) -> Tokenizer:
-    """The tokenizer of to_dict()'s {"kind", "vocab"}; ValueError for anything else."""
+    """The tokenizer of to_dict()'s {"kind", "vocab"}; ValueError naming the problem for anything else.
+
+    A vocabulary is read from files users share, so every token is checked: a sorted list of at most
+    MAX_VOCAB unique non-empty strings; char and jamo tokens are single characters (jamo: no
+    precomposed syllables); word tokens hold no whitespace except the token "\\n", and "<unk>" must be
+    there (encode maps unknown words to it).  "\\n" itself is optional: a one-line text has none."""
     if not isinstance(d, dict):
         raise ValueError(f"expected {{\"kind\": ..., \"vocab\": [...]}}, got {type(d).__name__}")
     kind = d.get("kind")
@@ -234,6 +257,12 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     vocab = d.get("vocab")
     if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
         raise ValueError("vocab must be a list of strings")
+    if not 1 <= len(vocab) <= MAX_VOCAB:
+        raise ValueError(f"vocab has {len(vocab)} tokens; expected 1 to {MAX_VOCAB}")
+    for i, tok in enumerate(vocab):
+        _check_token(kind, i, tok)
+    if kind == "word" and UNK not in vocab:
+        raise ValueError(f"a word vocabulary must hold {UNK!r} (unknown words become it)")
     return TOKENIZER_CLASSES[kind](vocab)
 
 

@@ -75,3 +75,36 @@ def test_stream_decoder_equals_whole_decode(kind):
     dec = StreamDecoder(tok)
     streamed = "".join(dec.feed(i) for i in ids) + dec.flush()
     assert streamed == tok.decode(ids)
+
+
+@pytest.mark.parametrize("d,message", [
+    ({"kind": "word", "vocab": ["\n", "fox", "the"]}, r"must hold '<unk>'"),          # encode would crash
+    ({"kind": "jamo", "vocab": ["", "a"]}, r"token 0 is ''; expected a non-empty string"),
+    ({"kind": "char", "vocab": ["", "a"]}, r"token 0 is ''"),
+    ({"kind": "char", "vocab": ["a", "bc"]}, r"token 1 is 'bc'; a char vocabulary holds single characters"),
+    ({"kind": "jamo", "vocab": ["가"]}, r"Hangul syllable '가'"),
+    ({"kind": "word", "vocab": ["<unk>", "a b"]}, r"token 1 is 'a b'"),
+    ({"kind": "word", "vocab": [" ", "<unk>"]}, r"token 0 is ' '"),
+    ({"kind": "char", "vocab": ["\ud800"]}, r"not valid Unicode"),
+    ({"kind": "char", "vocab": ["a", "a"]}, r"sorted and without duplicates"),
+    ({"kind": "char", "vocab": ["b", "a"]}, r"sorted"),
+    ({"kind": "char", "vocab": []}, r"vocab has 0 tokens"),
+    ({"kind": "char", "vocab": "abc"}, r"list of strings"),
+    ({"kind": "bpe", "vocab": ["a"]}, r"unknown tokenizer kind"),
+])
+def test_a_stored_vocabulary_is_checked_token_by_token(d, message):
+    with pytest.raises(ValueError, match=message):
+        tokenizer_from_dict(d)
+
+
+def test_a_word_vocabulary_of_one_line_has_no_newline_and_is_valid():
+    tok = build_tokenizer("word", "one line only")
+    assert "\n" not in tok.vocab
+    assert tokenizer_from_dict(tok.to_dict()).vocab == tok.vocab
+
+
+def test_a_vocabulary_too_large_is_refused(monkeypatch):
+    from lstmkit import tokenizers
+    monkeypatch.setattr(tokenizers, "MAX_VOCAB", 3)
+    with pytest.raises(ValueError, match="vocab has 4 tokens; expected 1 to 3"):
+        tokenizer_from_dict({"kind": "char", "vocab": list("abcd")})
