@@ -1,9 +1,12 @@
-"""Checkpoints: safetensors for arrays, JSON for everything else; nothing pickled; atomic writes.
+"""Checkpoints: safetensors for arrays, JSON for everything else; nothing pickled; atomic writes;
+nothing read is believed before it is checked (run_files.py).
 
 A checkpoint is a run directory (the trainer's --out):
 
-    RUN/checkpoint.json            {"format", "format_version", "run_id", "step", "current": "step-..."}
-    RUN/step-00000500-<id>/        the latest complete state, named by checkpoint.json:
+    RUN/checkpoint.json            the pointer: {"format", "format_version", "run_id", "step",
+                                   "current": "step-...", and once a state was saved with best=True
+                                   "best": "step-...", "best_step": int, "best_val": float}
+    RUN/step-00000500-<id>/        a complete state, named by the pointer:
         lstm.safetensors           the LSTM's tensors under torch.nn.LSTM.state_dict()'s own keys
                                    ("weight_ih_l0", "bias_hh_l1", ...): torch loads them directly,
                                    torch.nn.LSTM(E, H, L).load_state_dict(safetensors.torch.load_file(p))
@@ -15,15 +18,26 @@ A checkpoint is a run directory (the trainer's --out):
         carry.safetensors          h and c carried between chunks, (L, B, H) each       [training only]
         state.json                 step, data position, RNG states, optimizer step, loss history
     RUN/loss.png                   the loss curve
+    RUN/.lock                      while a process writes the run (run_files.run_lock)
 
 Atomicity: a new state is written into a temporary folder (each file fsync'ed, then the folder),
 which is renamed into place and the run directory fsync'ed; only then is checkpoint.json replaced
 (atomic_write: fsync'ed temporary, os.replace, folder fsync'ed) to point at it, and only after that
 are older states removed.  A crash or power cut at any moment leaves checkpoint.json naming a
-complete state.
+complete state.  Which states stay: the new one, the one the pointer named before (a reader that
+resolved the old pointer a moment ago still finds its files) and the best one; older ones go.
+
+One writer: save_checkpoint holds RUN/.lock while it writes, and a trainer holds it for its whole run.
+
+Reading trusts nothing: the pointer may name only a step-* folder directly inside the run (not a
+symlink); every file must be a regular file within a size bound; config.json's model sizes must be
+within MODEL_LIMITS and agree with the safetensors headers before the model is allocated; arrays must
+be float32 or float64 (the model's dtype, config "dtype", float32 by default) and finite; vocab.json
+is checked by tokenizers.tokenizer_from_dict.  Every failure is one CheckpointError.
 
 Python:
     model, tokenizer, config = load_checkpoint("runs/mujeong")   # model: lstmkit.model.LanguageModel
+    model, tokenizer, config = load_checkpoint("runs/mujeong", which="best")   # best validation
     model.lstm                                  # the lstmkit.LSTM
     logits, (h, c), cache = model.forward(ids)  # ids (T, B); cache["lstm"][layer][0]["gates"|"c"]
 
@@ -33,20 +47,27 @@ Shape letters: V vocabulary, E embedding size, H hidden size, L layers, B batch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 from safetensors.numpy import save as save_st
 
-from .config import FORMAT_VERSION, LMError
+from .config import FORMAT_VERSION
 from .model import LanguageModel
+from .run_files import (JSON_LIMIT, LOCK, MODE_DIR, MODE_FILE, SMALL_JSON_LIMIT, CheckpointError,  # noqa: F401
+                        MissingFile, _write_synced, atomic_write, check_output, fsync_dir, read_json,
+                        read_safetensors, run_lock)
 from .tokenizers import tokenizer_from_dict
+
+__all__ = ["CheckpointError", "POINTER", "atomic_write", "check_output", "checkpoint_info", "fsync_dir",
+           "load_checkpoint", "nonfinite_parameters", "read_checkpoint", "read_pointer", "resolve", "run_lock",
+           "run_state", "save_checkpoint"]
 
 FORMAT = "lstmkit-language-model"
 POINTER = "checkpoint.json"
@@ -56,66 +77,14 @@ TRAINING = ("optimizer.safetensors", "carry.safetensors", "state.json")
 # temporaries of its own interrupted writes (tempfile's 8 random characters after ".tmp-")
 STATE_NAME = re.compile(r"step-\d{8}-[0-9a-f]{6}")
 TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}(\.json|\.png)?")
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-MODE_DIR = 0o777 & ~_umask()
-MODE_FILE = 0o666 & ~_umask()      # what open() would give; mkstemp's 0600 is changed to it
-
-
-class CheckpointError(LMError, ValueError):
-    """A checkpoint that is missing, incomplete, corrupt or of another version."""
+# model sizes a checkpoint may claim; far above what lstmkit trains, low enough that a claim is refused
+# before it becomes an allocation (the arrays must also match, and they are bounded by TENSOR_LIMIT)
+MODEL_LIMITS = {"vocab_size": 1 << 22, "embed_size": 1 << 16, "hidden_size": 1 << 16, "num_layers": 256}
+MODEL_DTYPES = ("float32", "float64")
+READ_ATTEMPTS = 3           # a state replaced while being read is read again from the new pointer
 
 
 # ---- writing ---------------------------------------------------------------------------------
-# Durability: data reaches the disk only when fsync'ed, and a rename only when its folder is.
-
-def fsync_dir(path) -> None:
-    """fsync a folder, so that the names created, renamed or removed in it survive a power cut."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:         # a platform that cannot open folders (Windows): nothing more to do
-        return
-    try:
-        os.fsync(fd)
-    except OSError:         # some file systems do not support it on folders
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path, write_fn) -> None:
-    """Create path, write_fn(binary file), flush and fsync it."""
-    with open(path, "wb") as f:
-        write_fn(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_write(path, write_fn) -> None:
-    """Replace path durably and atomically: write_fn(f) writes a temporary file (binary) in the same
-    folder, which is flushed, fsync'ed and os.replace'd over path, and the folder is fsync'ed.
-    Readers see the old file or the new one, never half; after a failure no temporary is left."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=d)
-    os.close(fd)
-    try:
-        os.chmod(tmp, MODE_FILE)
-        _write_synced(tmp, write_fn)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(d)
-
 
 def _json_bytes(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")
@@ -124,21 +93,6 @@ def _json_bytes(obj) -> bytes:
 def _write_json(path, obj):
     data = _json_bytes(obj)
     _write_synced(path, lambda f: f.write(data))
-
-
-def check_output(path, signature: bytes, what: str) -> None:
-    """Refuse an output file we may not replace: its folder must exist, and an existing file must
-    start with signature (an earlier output of ours), so nothing else of the user's is overwritten."""
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise LMError(f"output folder {d!r} does not exist")
-    if os.path.isdir(path):
-        raise LMError(f"--out {path!r} is a directory; give a file name")
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            head = f.read(4096)
-        if signature not in head:
-            raise LMError(f"refusing to overwrite {path!r}: it is not {what} (remove it or choose another --out)")
 
 
 def atomic_write_json(path, obj):
@@ -152,70 +106,153 @@ def _save_st(path, arrays):
     _write_synced(path, lambda f: f.write(data))
 
 
-def read_pointer(run_dir) -> dict | None:
-    """checkpoint.json of a run directory, or None when there is none."""
-    p = os.path.join(run_dir, POINTER)
-    if not os.path.isfile(p):
-        return None
-    try:
-        with open(p, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {run_dir!r} is corrupt: cannot read {POINTER} ({e})") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise CheckpointError(f"{p!r} is not an lstmkit checkpoint")
+# ---- the pointer -------------------------------------------------------------------------------
+
+def _check_pointer(d: dict, p) -> dict:
+    """The pointer's names are the only paths a checkpoint chooses: each must be a step-* folder name."""
+    for key in ("current", "best"):
+        name = d.get(key)
+        if (key == "current" or name is not None) and not (isinstance(name, str) and STATE_NAME.fullmatch(name)):
+            raise CheckpointError(f"{p!r} is corrupt: {key!r} is {name!r}; expected the name of a step-* "
+                                  f"folder of this run (step-NNNNNNNN-xxxxxx)")
+    for key in ("step", "best_step"):
+        v = d.get(key)
+        if (key == "step" or "best" in d) and not (type(v) is int and v >= 0):
+            raise CheckpointError(f"{p!r} is corrupt: {key!r} is {v!r}; expected an integer >= 0")
+    v = d.get("best_val")
+    if v is not None and not (type(v) in (int, float) and math.isfinite(v)):
+        raise CheckpointError(f"{p!r} is corrupt: 'best_val' is {v!r}; expected a finite number or null")
     return d
 
 
+def read_pointer(run_dir) -> dict | None:
+    """checkpoint.json of a run directory, checked, or None when there is none."""
+    try:
+        d = read_json(run_dir, POINTER, SMALL_JSON_LIMIT)
+    except MissingFile:
+        return None
+    p = os.path.join(run_dir, POINTER)
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise CheckpointError(f"{p!r} is not an lstmkit checkpoint")
+    return _check_pointer(d, p)
+
+
+def _state_dir(run_dir, name):
+    """run_dir/name if it is a real folder directly in run_dir (lstat: a symlink is not followed), else None."""
+    try:
+        st = os.lstat(os.path.join(run_dir, name))
+    except OSError:
+        return None
+    return os.path.join(run_dir, name) if stat.S_ISDIR(st.st_mode) else None
+
+
+def run_state(run_dir) -> str:
+    """What a trainer's --out holds, for deciding whether it may write there:
+        "run"      checkpoint.json names an existing state (resume it, or refuse it if another run's);
+        "empty"    nothing, or only what lstmkit's own writes leave: .lock, .tmp-* temporaries, step-*
+                   folders, and with a checkpoint.json that names no existing state, that pointer and
+                   loss.png.  A run whose first save was interrupted is "empty": train into it again
+                   (save_checkpoint then removes the leftovers);
+        "foreign"  anything else (not a folder, or holding files of the user's): never written into.
+    A checkpoint.json that cannot be read raises CheckpointError."""
+    if not os.path.lexists(run_dir):
+        return "empty"
+    if not os.path.isdir(run_dir):
+        return "foreign"
+    ptr = read_pointer(run_dir)
+    if ptr is not None and _state_dir(run_dir, ptr["current"]):
+        return "run"
+    ours = {LOCK} | ({POINTER, "loss.png"} if ptr is not None else set())
+    for entry in os.listdir(run_dir):
+        if not (entry in ours or TEMP_NAME.fullmatch(entry)
+                or (STATE_NAME.fullmatch(entry) and _state_dir(run_dir, entry))):
+            return "foreign"
+    return "empty"
+
+
+def checkpoint_info(path) -> dict:
+    """{"step", "current", "best", "best_step", "best_val"} of a run's pointer (best* None until a state
+    was saved with best=True)."""
+    ptr = read_pointer(path) if os.path.isdir(path) else None
+    if ptr is None:
+        raise CheckpointError(f"{path!r} is not an lstmkit run directory: it has no {POINTER}")
+    return {"step": ptr["step"], "current": ptr["current"], "best": ptr.get("best"),
+            "best_step": ptr.get("best_step"), "best_val": ptr.get("best_val")}
+
+
+# ---- saving ------------------------------------------------------------------------------------
+
+def _write_state(tmp, *, model, tokenizer, config, run_id, state, optimizer, carry):
+    """The files of one state, each written and fsync'ed, into the temporary folder tmp."""
+    _save_st(os.path.join(tmp, "lstm.safetensors"), model.lstm.state_dict())
+    _save_st(os.path.join(tmp, "model.safetensors"),
+             {k: v for k, v in model.params.items() if not k.startswith("lstm.")})
+    _write_json(os.path.join(tmp, "config.json"),
+                {"format": FORMAT, "format_version": FORMAT_VERSION, "run_id": run_id,
+                 "model": model.config(), **config})
+    _write_json(os.path.join(tmp, "vocab.json"), tokenizer.to_dict())
+    if optimizer is not None:
+        arrays = optimizer.state_arrays()
+        _save_st(os.path.join(tmp, "optimizer.safetensors"),
+                 arrays if arrays else {"_empty": np.zeros(0, np.float32)})
+    if carry is not None:
+        _save_st(os.path.join(tmp, "carry.safetensors"), {"h": carry[0], "c": carry[1]})
+    if state is not None:
+        _write_json(os.path.join(tmp, "state.json"),
+                    {**state, "optimizer": optimizer.state_meta() if optimizer is not None else None})
+    for f in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, f), MODE_FILE)
+    os.chmod(tmp, MODE_DIR)
+
+
+def _new_pointer(run_dir, prev, name, run_id, step, best, val) -> dict:
+    ptr = {"format": FORMAT, "format_version": FORMAT_VERSION, "run_id": run_id, "step": step, "current": name}
+    if best:
+        ptr.update(best=name, best_step=step, best_val=None if val is None else float(val))
+    elif (prev is not None and prev.get("run_id") == run_id and prev.get("best")
+          and _state_dir(run_dir, prev["best"])):
+        ptr.update({k: prev[k] for k in ("best", "best_step", "best_val")})
+    return ptr
+
+
 def save_checkpoint(run_dir, *, model: LanguageModel, tokenizer, config: dict, run_id: str, step: int,
-                    state: dict | None = None, optimizer=None, carry=None) -> str:
-    """Write a complete state into run_dir atomically; returns the path of the state folder.
+                    state: dict | None = None, optimizer=None, carry=None, best: bool = False,
+                    val: float | None = None) -> str:
+    """Write a complete state into run_dir atomically, holding the run's lock; returns its folder.
 
     config: JSON-able dict (the trainer stores its TrainConfig and the data's identity in it);
-    state: JSON-able training state; optimizer: an lstmkit.optim.Optimizer; carry: (h, c)."""
-    os.makedirs(run_dir, exist_ok=True)
-    name = f"step-{step:08d}-{uuid.uuid4().hex[:6]}"
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=run_dir)
-    try:
-        lstm_sd = model.lstm.state_dict()
-        _save_st(os.path.join(tmp, "lstm.safetensors"), lstm_sd)
-        _save_st(os.path.join(tmp, "model.safetensors"),
-                 {k: v for k, v in model.params.items() if not k.startswith("lstm.")})
-        _write_json(os.path.join(tmp, "config.json"),
-                    {"format": FORMAT, "format_version": FORMAT_VERSION, "run_id": run_id,
-                     "model": model.config(), **config})
-        _write_json(os.path.join(tmp, "vocab.json"), tokenizer.to_dict())
-        if optimizer is not None:
-            arrays = optimizer.state_arrays()
-            _save_st(os.path.join(tmp, "optimizer.safetensors"),
-                     arrays if arrays else {"_empty": np.zeros(0, np.float32)})
-        if carry is not None:
-            _save_st(os.path.join(tmp, "carry.safetensors"), {"h": carry[0], "c": carry[1]})
-        if state is not None:
-            _write_json(os.path.join(tmp, "state.json"),
-                        {**state, "optimizer": optimizer.state_meta() if optimizer is not None else None})
-        for f in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, f), MODE_FILE)
-        os.chmod(tmp, MODE_DIR)
-        fsync_dir(tmp)                  # the files' names are on disk before the folder is renamed
-        final = os.path.join(run_dir, name)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(run_dir)                  # the complete state is on disk under its name ...
-    atomic_write_json(os.path.join(run_dir, POINTER),      # ... before the pointer names it (fsync'ed too)
-                      {"format": FORMAT, "format_version": FORMAT_VERSION, "run_id": run_id,
-                       "step": step, "current": name})
-    _remove_stale(run_dir, keep=name)   # only now that the pointer is durable
-    return final
+    state: JSON-able training state; optimizer: an lstmkit.optim.Optimizer; carry: (h, c).
+    best=True records this state as the run's best too, with val (its validation score) as best_val;
+    otherwise the pointer keeps the best it had.  Raises CheckpointError if another process holds
+    the run's lock."""
+    with run_lock(run_dir):
+        prev = read_pointer(run_dir)
+        name = f"step-{step:08d}-{uuid.uuid4().hex[:6]}"
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=run_dir)
+        try:
+            _write_state(tmp, model=model, tokenizer=tokenizer, config=config, run_id=run_id, state=state,
+                         optimizer=optimizer, carry=carry)
+            fsync_dir(tmp)                  # the files' names are on disk before the folder is renamed
+            final = os.path.join(run_dir, name)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(run_dir)                  # the complete state is on disk under its name ...
+        ptr = _new_pointer(run_dir, prev, name, run_id, step, best, val)
+        atomic_write_json(os.path.join(run_dir, POINTER), ptr)      # ... before the pointer names it
+        # only now that the pointer is durable; the previous state stays for readers that resolved it
+        _remove_stale(run_dir, keep={name, ptr.get("best"), prev and prev["current"]})
+        return final
 
 
 def _remove_stale(run_dir, keep):
-    """Remove older states and temporaries of interrupted writes: only names this module creates."""
+    """Remove states not in keep and temporaries of interrupted writes: only names this module creates.
+    Safe only under the run's lock: another writer's temporaries would be in-flight states."""
+    keep = {keep} if isinstance(keep, str) else set(keep)
     for entry in os.listdir(run_dir):
         full = os.path.join(run_dir, entry)
-        if entry == keep or os.path.islink(full):
+        if entry in keep or os.path.islink(full):
             continue
         if STATE_NAME.fullmatch(entry) or TEMP_NAME.fullmatch(entry):
             if os.path.isdir(full):
@@ -227,91 +264,179 @@ def _remove_stale(run_dir, keep):
                     pass
 
 
-# ---- reading ---------------------------------------------------------------------------------
+def nonfinite_parameters(params: dict) -> list:
+    """Names of the arrays in params (e.g. model.params) holding NaN or infinity: [] when all are finite."""
+    return [k for k, a in params.items() if not np.isfinite(a).all()]
 
-def resolve(path) -> str:
-    """The state folder of a checkpoint: RUN (through checkpoint.json) or a step-* folder itself."""
+
+# ---- reading -----------------------------------------------------------------------------------
+
+def resolve(path, which: str = "last") -> str:
+    """The state folder of a checkpoint: RUN (through checkpoint.json) or a step-* folder itself.
+    which="best": the state saved with best=True; a run that has none yet gives its last state."""
+    if which not in ("last", "best"):
+        raise ValueError(f"which must be 'last' or 'best', got {which!r}")
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} is not a directory (give the run directory)")
     ptr = read_pointer(path)
     if ptr is None:
-        if os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.lexists(os.path.join(path, "config.json")):
             return path
+        if os.listdir(path) and run_state(path) == "empty":
+            raise CheckpointError(f"checkpoint {path!r} holds no complete state: its first save did not "
+                                  f"finish; train into it again (without --resume)")
         raise CheckpointError(f"{path!r} is not an lstmkit checkpoint: it has no {POINTER}")
     if ptr.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path!r} has format version {ptr.get('format_version')!r}; "
                               f"this lstmkit reads version {FORMAT_VERSION}")
-    state_dir = os.path.join(path, str(ptr.get("current", "")))
-    if not ptr.get("current") or not os.path.isdir(state_dir):
-        raise CheckpointError(f"checkpoint {path!r} is incomplete: {ptr.get('current')!r} is missing")
-    return state_dir
+    name = ptr.get("best") if which == "best" and ptr.get("best") else ptr["current"]
+    d = _state_dir(path, name)
+    if d is None:
+        raise MissingFile(f"checkpoint {path!r} is incomplete: {name!r} is missing or not a folder")
+    return d
 
 
-def _load_json(d, name):
-    try:
-        with open(os.path.join(d, name), encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {d!r} is incomplete: {name} is missing") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {d!r} is corrupt: cannot read {name} ({e})") from None
+def _model_config(cfg, where) -> dict:
+    """config.json's "model", every size checked against MODEL_LIMITS before anything is allocated."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: config.json has no \"model\" object")
+    for key, limit in MODEL_LIMITS.items():
+        v = cfg.get(key)
+        low = 0 if key == "embed_size" else 1             # embed_size 0 means "same as hidden_size"
+        if not (type(v) is int and low <= v <= limit):
+            raise CheckpointError(f"{where}: config.json model {key} is {v!r}; expected an integer "
+                                  f"in [{low}, {limit}]")
+    d = cfg.get("dropout")
+    if not (type(d) in (int, float) and 0 <= d <= 1):
+        raise CheckpointError(f"{where}: config.json model dropout is {d!r}; expected a number in [0, 1]")
+    if cfg.get("dtype", "float32") not in MODEL_DTYPES:
+        raise CheckpointError(f"{where}: config.json model dtype is {cfg.get('dtype')!r}; "
+                              f"expected one of {', '.join(MODEL_DTYPES)}")
+    return cfg
 
 
-def _load_st(d, name):
-    p = os.path.join(d, name)
-    if not os.path.isfile(p):
-        raise CheckpointError(f"checkpoint {d!r} is incomplete: {name} is missing")
-    try:
-        return load_file(p)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {d!r} is corrupt: cannot read {name} ({e})") from None
+def _expected_shapes(cfg) -> tuple:
+    """({lstm key: shape}, {model key: shape}) that config.json's model sizes imply."""
+    V, H, L = cfg["vocab_size"], cfg["hidden_size"], cfg["num_layers"]
+    E = cfg["embed_size"] or H
+    lstm = {}
+    for k in range(L):
+        lstm.update({f"weight_ih_l{k}": (4 * H, E if k == 0 else H), f"weight_hh_l{k}": (4 * H, H),
+                     f"bias_ih_l{k}": (4 * H,), f"bias_hh_l{k}": (4 * H,)})
+    return lstm, {"embedding.weight": (V, E), "decoder.weight": (V, H), "decoder.bias": (V,)}
 
 
-def read_checkpoint(path, training: bool = False) -> dict:
-    """Everything in a checkpoint, checked: {"dir", "config", "model", "tokenizer", and with
-    training=True "state", "optimizer_arrays", "carry"}.  Raises CheckpointError."""
-    d = resolve(path)
-    config = _load_json(d, "config.json")
+def _shape_check(where, name, expected: dict, dtype):
+    """A read_safetensors check: the header must hold exactly the expected keys, shapes and dtype."""
+    def check(header):
+        missing = [k for k in expected if k not in header]          # in layer order: the first is telling
+        extra = [k for k in header if k not in expected]
+        if missing or extra:
+            raise CheckpointError(f"{where}: {name} " + (f"lacks {', '.join(missing[:3])}" if missing else
+                                                         f"has unexpected {', '.join(extra[:3])}")
+                                  + " for the model config.json describes")
+        for key, shape in expected.items():
+            dt, given = header[key]
+            if given != shape:
+                raise CheckpointError(f"{where}: {name} {key} has shape {given}, config.json implies {shape}")
+            if dt != np.dtype(dtype):
+                raise CheckpointError(f"{where}: {name} {key} is {dt.name}; config.json's model is {dtype}")
+    return check
+
+
+def _read_config(path, d, where) -> dict:
+    config = read_json(d, "config.json", SMALL_JSON_LIMIT)
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: config.json is not an lstmkit config")
+        raise CheckpointError(f"{where}: config.json is not an lstmkit config")
     if config.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path!r} has format version {config.get('format_version')!r}; "
-                              f"this lstmkit reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"checkpoint {path!r} has format version "
+                              f"{config.get('format_version')!r}; this lstmkit reads version {FORMAT_VERSION}")
+    _model_config(config.get("model"), where)
+    return config
+
+
+def _read_model(d, config, tokenizer, where) -> LanguageModel:
+    """The model of a state folder; sizes agree with the arrays' headers before from_config allocates."""
+    cfg = config["model"]
+    if tokenizer.vocab_size != cfg["vocab_size"]:
+        raise CheckpointError(f"{where}: vocab.json has {tokenizer.vocab_size} tokens, the model "
+                              f"{cfg['vocab_size']}")
+    dtype = cfg.get("dtype", "float32")
+    lstm_shapes, rest_shapes = _expected_shapes(cfg)
+    arrays = {"lstm." + k: v for k, v in read_safetensors(
+        d, "lstm.safetensors", check=_shape_check(where, "lstm.safetensors", lstm_shapes, dtype)).items()}
+    arrays.update(read_safetensors(d, "model.safetensors",
+                                   check=_shape_check(where, "model.safetensors", rest_shapes, dtype)))
     try:
-        tokenizer = tokenizer_from_dict(_load_json(d, "vocab.json"))
-        model = LanguageModel.from_config(config["model"], seed=0)
+        model = LanguageModel.from_config(cfg, seed=0)
+        model.load_params(arrays)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return model
+
+
+def _read_training(d, config, where) -> dict:
+    cfg = config["model"]
+    state = read_json(d, "state.json", JSON_LIMIT)
+    opt = read_safetensors(d, "optimizer.safetensors")
+    opt.pop("_empty", None)
+    carry = read_safetensors(d, "carry.safetensors")
+    if set(carry) != {"h", "c"}:
+        raise CheckpointError(f"{where}: carry.safetensors holds {sorted(carry)}, expected h and c")
+    h, c = carry["h"], carry["c"]
+    if not (h.shape == c.shape and h.ndim == 3 and h.shape[0] == cfg["num_layers"] and h.shape[2] ==
+            cfg["hidden_size"]):
+        raise CheckpointError(f"{where}: carry.safetensors h {h.shape} and c {c.shape} are not both "
+                              f"(L={cfg['num_layers']}, B, H={cfg['hidden_size']})")
+    return {"state": state, "optimizer_arrays": opt, "carry": (h, c)}
+
+
+def _read_state(path, d, training) -> dict:
+    where = f"checkpoint {path!r} is corrupt"
+    config = _read_config(path, d, where)
+    try:
+        tokenizer = tokenizer_from_dict(read_json(d, "vocab.json", JSON_LIMIT))
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: bad config or vocabulary ({e})") from None
-    if tokenizer.vocab_size != model.vocab_size:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: vocab.json has {tokenizer.vocab_size} "
-                              f"tokens, the model {model.vocab_size}")
-    arrays = {"lstm." + k: v for k, v in _load_st(d, "lstm.safetensors").items()}
-    arrays.update(_load_st(d, "model.safetensors"))
-    try:
-        model.load_params(arrays)
     except ValueError as e:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt: {e}") from None
-    out = {"dir": d, "config": config, "model": model, "tokenizer": tokenizer}
+        raise CheckpointError(f"{where}: bad vocabulary in vocab.json ({e})") from None
+    out = {"dir": d, "config": config, "model": _read_model(d, config, tokenizer, where), "tokenizer": tokenizer}
     if training:
-        out["state"] = _load_json(d, "state.json")
-        opt = _load_st(d, "optimizer.safetensors")
-        opt.pop("_empty", None)
-        out["optimizer_arrays"] = opt
-        carry = _load_st(d, "carry.safetensors")
-        if set(carry) != {"h", "c"}:
-            raise CheckpointError(f"checkpoint {path!r} is corrupt: carry.safetensors lacks h or c")
-        out["carry"] = (carry["h"], carry["c"])
+        out.update(_read_training(d, config, where))
     return out
 
 
-def load_checkpoint(path):
+def read_checkpoint(path, training: bool = False, which: str = "last") -> dict:
+    """Everything in a checkpoint, checked: {"dir", "config", "model", "tokenizer", and with
+    training=True "state", "optimizer_arrays", "carry"}.  which: "last" or "best" (see resolve).
+    Raises CheckpointError."""
+    for attempt in range(READ_ATTEMPTS):
+        d = None
+        try:
+            d = resolve(path, which)
+            return _read_state(path, d, training)
+        except MissingFile:
+            # a writer replaced the state since it was found (it keeps the previous one, so that takes
+            # two saves during one read): read the state the pointer names now, unless nothing moved
+            if attempt == READ_ATTEMPTS - 1 or not _moved(path, which, d):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _moved(path, which, d) -> bool:
+    try:
+        return resolve(path, which) != d
+    except CheckpointError:
+        return False
+
+
+def load_checkpoint(path, which: str = "last"):
     """(model, tokenizer, config_dict) of a checkpoint (a run directory or one of its step-* folders).
 
-    model is a lstmkit.model.LanguageModel (model.lstm is the lstmkit.LSTM), in eval mode."""
-    ck = read_checkpoint(path)
+    model is a lstmkit.model.LanguageModel (model.lstm is the lstmkit.LSTM), in eval mode.
+    which="best": the state of the best validation (a run without one yet gives its last)."""
+    ck = read_checkpoint(path, which=which)
     ck["model"].eval()
     return ck["model"], ck["tokenizer"], ck["config"]

@@ -97,11 +97,11 @@ def test_a_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [e for e in os.listdir(run) if e.startswith("step-")] == [os.path.basename(ckpt.resolve(run))]
 
 
-def test_a_new_save_replaces_the_old_state(tmp_path):
+def test_a_new_save_keeps_the_previous_state_and_removes_older_ones(tmp_path):
     run, m, tok, opt = make(tmp_path, step=3)
-    save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=4)
-    states = [e for e in os.listdir(run) if e.startswith("step-")]
-    assert len(states) == 1 and states[0].startswith("step-00000004")
+    for step, kept in ((4, ["step-00000003", "step-00000004"]), (5, ["step-00000004", "step-00000005"])):
+        save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=step)
+        assert sorted(e[:13] for e in os.listdir(run) if e.startswith("step-")) == kept
 
 
 def test_a_new_save_removes_only_names_it_creates(tmp_path):
@@ -119,6 +119,8 @@ def test_a_new_save_removes_only_names_it_creates(tmp_path):
     os.mkdir(os.path.join(run, ".tmp-abcd1234"))
     Path(run, ".tmp-zz_99xyz.json").write_text("{")
     save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=4)
+    assert old_state in os.listdir(run)                # kept for readers until the next save
+    save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=5)
     left = set(os.listdir(run))
     assert set(mine) <= left
     assert not (set(stale) | {old_state}) & left
@@ -128,6 +130,7 @@ def test_a_new_save_removes_only_names_it_creates(tmp_path):
 def test_every_file_and_folder_is_fsynced_before_the_old_state_goes(tmp_path, monkeypatch):
     run, m, tok, opt = make(tmp_path, step=3)
     old_state = os.path.basename(ckpt.resolve(run))
+    save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=4)     # old_state goes next
     events, real_fsync, real_rmtree = [], os.fsync, ckpt.shutil.rmtree
 
     def fsync(fd):
@@ -141,7 +144,7 @@ def test_every_file_and_folder_is_fsynced_before_the_old_state_goes(tmp_path, mo
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
-    final = save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=4, state={"step": 4},
+    final = save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=5, state={"step": 5},
                             optimizer=opt, carry=m.initial_state(1))
     monkeypatch.undo()
 
