@@ -134,6 +134,9 @@ def read_pointer(run_dir) -> dict | None:
     p = os.path.join(run_dir, POINTER)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise CheckpointError(f"{p!r} is not an lstmkit checkpoint")
+    if d.get("format_version") != FORMAT_VERSION:       # before its fields, which another version may change
+        raise CheckpointError(f"checkpoint {run_dir!r} has format version {d.get('format_version')!r}; "
+                              f"this lstmkit reads version {FORMAT_VERSION}")
     return _check_pointer(d, p)
 
 
@@ -288,9 +291,6 @@ def resolve(path, which: str = "last") -> str:
             raise CheckpointError(f"checkpoint {path!r} holds no complete state: its first save did not "
                                   f"finish; train into it again (without --resume)")
         raise CheckpointError(f"{path!r} is not an lstmkit checkpoint: it has no {POINTER}")
-    if ptr.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path!r} has format version {ptr.get('format_version')!r}; "
-                              f"this lstmkit reads version {FORMAT_VERSION}")
     name = ptr.get("best") if which == "best" and ptr.get("best") else ptr["current"]
     d = _state_dir(path, name)
     if d is None:

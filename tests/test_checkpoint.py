@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from lstmkit import checkpoint as ckpt
 from lstmkit.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from lstmkit.config import LMError
 from lstmkit.model import LanguageModel
 from lstmkit.optim import Adam
 from lstmkit.tokenizers import build_tokenizer
@@ -226,3 +227,18 @@ def test_incompatible_version(tmp_path):
     Path(p).write_text(json.dumps(ptr))
     with pytest.raises(CheckpointError, match="format version 99"):
         load_checkpoint(run)
+
+
+def test_check_output_refuses_a_fifo_without_opening_it(tmp_path):
+    p = tmp_path / "out.png"
+    os.mkfifo(p)                        # opening it for reading would wait for a writer forever
+    with pytest.raises(LMError, match="it is a FIFO, not a PNG file"):
+        ckpt.check_output(str(p), b"\x89PNG", "a PNG file")
+
+
+def test_a_pointer_of_another_version_is_refused_before_its_fields_are_read(tmp_path):
+    run, *_ = make(tmp_path)
+    p = os.path.join(run, "checkpoint.json")
+    Path(p).write_text(json.dumps({"format": ckpt.FORMAT, "format_version": 2, "state": "../elsewhere"}))
+    with pytest.raises(CheckpointError, match="format version 2; this lstmkit reads version 1"):
+        ckpt.read_pointer(run)
