@@ -366,3 +366,29 @@ def test_parameters_count_writes_and_what_they_give_out_is_plain():
                     p.astype(np.float64)):
         assert type(derived) is np.ndarray
     assert p._version == v0
+
+
+def test_fingerprints_see_small_edits_of_large_and_small_arrays():
+    from lstmkit.contexts import fingerprint
+    for shape in ((64, 16, 8), (3, 5)):          # the vectorised hash (>= 16 KiB) and zlib's CRC-32
+        for dtype in (np.float32, np.float64):
+            a = np.random.default_rng(8).standard_normal(shape).astype(dtype)
+            edits = [lambda b: b.flat.__setitem__(7, -b.flat[7]),                 # one sign bit
+                     lambda b: b.flat.__setitem__([0, 2], b.flat[[2, 0]]),        # two values swapped
+                     lambda b: b.flat.__setitem__([1, 3], -b.flat[[1, 3]]),       # two sign bits
+                     lambda b: b.flat.__setitem__(-1, np.nextafter(b.flat[-1], np.inf, dtype=dtype))]
+            for edit in edits:
+                b = a.copy()
+                edit(b)
+                assert fingerprint(b) != fingerprint(a), (shape, dtype)
+            assert fingerprint(a.copy()) == fingerprint(a)
+            assert fingerprint(np.asfortranarray(a)) == fingerprint(a)      # the bytes in C order
+
+
+def test_a_large_input_modified_in_place_raises(backend):
+    lstm = LSTM(8, H, seed=0)
+    x = np.random.default_rng(9).standard_normal((64, 16, 8)).astype(np.float32)    # 32 KiB
+    out, _ = lstm(x)
+    x[-1, -1, -1] *= 2
+    with pytest.raises(RuntimeError, match="the input was modified in place"):
+        lstm.backward(np.ones_like(out))
