@@ -42,14 +42,20 @@ def is_grad_enabled():
 
 
 class no_grad:
-    """`with lstmkit.no_grad():` or `@lstmkit.no_grad()`: forwards inside keep nothing for backward.
+    """`with lstmkit.no_grad():` or `@lstmkit.no_grad()` (or `@lstmkit.no_grad`): forwards inside
+    keep nothing for backward.
 
     The lean inference path: no caches, no context, no copies made for backward; a backward of
     such a forward raises RuntimeError. Nesting restores the outer mode on exit. eval() alone does
     not forbid backward (dropout off is all it means), as in torch.
     """
 
-    def __init__(self):
+    def __new__(cls, func=None):
+        if func is not None:      # @no_grad without parentheses, as torch also allows
+            return cls()(func)
+        return super().__new__(cls)
+
+    def __init__(self, func=None):
         self._outer = []
 
     def __enter__(self):

@@ -302,6 +302,11 @@ def test_no_grad_as_decorator_nests_and_is_per_thread():
         t.join()
         return lstmkit.contexts.is_grad_enabled(), seen[0]
 
+    @lstmkit.no_grad
+    def bare():
+        return lstmkit.contexts.is_grad_enabled()
+
+    assert bare() is False and lstmkit.contexts.is_grad_enabled()
     with lstmkit.no_grad():
         assert inner() == (False, True)           # another thread keeps its own mode
         assert not lstmkit.contexts.is_grad_enabled()
