@@ -304,7 +304,12 @@ def _lock_fd(run_dir, path):
 
 def acquire_run_lock(run_dir) -> str:
     """Take RUN/.lock (creating RUN) for this process; nested calls in one process share it."""
-    os.makedirs(run_dir, exist_ok=True)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise CheckpointError(f"{run_dir!r} exists and is not a directory")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {run_dir!r} ({e.strerror or e})") from None
     key = os.path.realpath(run_dir)
     if key in _held:
         _held[key][1] += 1

@@ -225,6 +225,14 @@ def test_weights_of_another_dtype_are_refused(tmp_path, dtype, message):
         load_checkpoint(run)
 
 
+def test_nonfinite_parameters_names_the_arrays():
+    m = LanguageModel(5, hidden_size=4, num_layers=1, seed=0)
+    assert ckpt.nonfinite_parameters(m.params) == []
+    m.params["decoder.bias"][2] = np.nan
+    m.params["lstm.weight_hh_l0"][0, 0] = -np.inf
+    assert ckpt.nonfinite_parameters(m.params) == ["decoder.bias", "lstm.weight_hh_l0"]
+
+
 def test_a_float64_model_round_trips(tmp_path):
     tok = build_tokenizer("char", TEXT)
     m = LanguageModel(tok.vocab_size, hidden_size=4, num_layers=1, seed=0, dtype=np.float64)
@@ -385,6 +393,14 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path):
         save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=4)
         assert os.path.exists(os.path.join(run, ".lock"))
     assert not os.path.exists(os.path.join(run, ".lock"))
+
+
+def test_the_lock_of_a_path_that_is_a_file_is_one_error(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(CheckpointError, match="exists and is not a directory"):
+        with run_lock(str(tmp_path / "file")):
+            pass
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 # ---- 8. an interrupted first save ----------------------------------------------------------------
