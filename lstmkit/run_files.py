@@ -48,12 +48,14 @@ MiB = 1 << 20
 JSON_LIMIT = 64 * MiB                  # vocab.json of a ~4M-word vocabulary; state.json's loss history
 SMALL_JSON_LIMIT = 1 * MiB             # checkpoint.json and config.json hold a few hundred bytes
 TENSOR_LIMIT = 16 << 30                # one safetensors file: 4G float32 values, more than lstmkit trains
-HEADER_LIMIT = 100 * MiB               # the safetensors library's own bound on its JSON header
+HEADER_LIMIT = 100_000_000            # the safetensors library's own bound on its JSON header
 DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}   # what lstmkit writes and computes in
 LOCK = ".lock"
 
-_O_READ = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-           | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+# no symlink followed, no FIFO waited on, no descriptor leaked into children
+_O_SAFE = (getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+           | getattr(os, "O_BINARY", 0))
+_O_READ = os.O_RDONLY | _O_SAFE
 
 
 def _umask() -> int:
@@ -279,7 +281,7 @@ def _lock_fd(run_dir, path):
     """An fd of RUN/.lock holding its flock, or CheckpointError naming the holder."""
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | (_O_READ & ~os.O_RDONLY), MODE_FILE)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_SAFE, MODE_FILE)
         except OSError as e:
             raise CheckpointError(f"cannot lock {run_dir!r}: {LOCK} ({e.strerror})") from None
         try:
