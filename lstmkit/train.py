@@ -1,4 +1,4 @@
-"""The trainer: truncated BPTT over B streams, validation, samples, checkpoints, loss curve, stop/resume.
+"""The language model's trainer: truncated BPTT over B streams (the loop itself is trainer.py's).
 
 One step, on chunk k of the streams (data.py):
     loss_k, (h, c) = model.loss(x_k, y_k, (h, c))     h, c carried from chunk k-1 (zeros at an epoch's start)
@@ -20,25 +20,21 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import sys
-import tempfile
 import time
 import uuid
 
 import numpy as np
 
 from . import __version__
-from .checkpoint import (POINTER, CheckpointError, atomic_write, read_checkpoint, read_pointer, run_lock, run_state,
-                         save_checkpoint)
-from .config import EXPLODE_FACTOR, MAIN_JOB_MINUTES, LMError, TrainConfig, validate
+from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from .config import LMError, TrainConfig, validate
 from .data import BatchStream, read_text, split_train_val, text_digest
 from .evaluate import LN2, evaluate
 from .model import LanguageModel
-from .optim import clip_grad_norm, clip_grad_value, make_optimizer, scheduled_lr
 from .sample import Sampler
 from .tokenizers import build_tokenizer
 from .train_state import check_carry, check_training_state
+from .trainer import TrainerBase, TrainingStopped
 
 # hyperparameters a resumed run may change; every other one must stay as the checkpoint has it
 RESUMABLE = {"steps", "epochs", "minutes", "eval_every", "sample_every", "sample_length", "sample_temperature"}
@@ -47,12 +43,7 @@ BUDGET = ("steps", "epochs", "minutes")
 MODEL_SHAPE = ("tokenizer", "hidden_size", "num_layers", "embed_size")
 
 
-class TrainingStopped(LMError):
-    """The loss or the parameters went NaN/Inf, or the loss exploded; the last good checkpoint is kept."""
-
-
-def _plural(n, word):
-    return f"{n:g} {word}" + ("" if n == 1 else "s")
+__all__ = ["Trainer", "TrainingStopped", "resumed_config", "init_config"]
 
 
 def resumed_config(ck, resume, overrides) -> TrainConfig:
@@ -90,7 +81,7 @@ def init_config(cfg, ck, init_from, overrides) -> TrainConfig:
     return cfg
 
 
-class Trainer:
+class Trainer(TrainerBase):
     """Trains a LanguageModel on a text.
 
         cfg = TrainConfig(data="shakespeare", hidden_size=128, steps=500)
@@ -103,12 +94,12 @@ class Trainer:
     flag means that much MORE training, and with none the resumed run finishes the budget it had.
     """
 
+    val_key = "val_bpc"
+    rate_unit = "tokens/s"
+
     def __init__(self, cfg: TrainConfig, out_dir: str, resume: str | None = None, overrides=None,
                  progress: bool = True, out=None, err=None, init_from: str | None = None):
-        self.out = out or sys.stdout
-        self.err = err or sys.stderr
-        self.progress = progress
-        self.out_dir = out_dir
+        super().__init__(out_dir, progress, out, err)
         overrides = overrides or {}
         ck = read_checkpoint(resume, training=True) if resume is not None else None
         start = read_checkpoint(init_from, which="best") if init_from is not None else None
@@ -126,9 +117,8 @@ class Trainer:
         else:
             self._fresh(start, init_from)
         self._set_budget(overrides if ck is not None else {})
-        self.stop_signal = None
-        self.last_val = self.history["val_bpc"][-1] if self.history["val_bpc"] else None
-        self.best_val = min(self.history["val_bpc"]) if self.history["val_bpc"] else None
+        self.metric = "perplexity" if self.tok.kind == "word" else "bits/char"
+        self.items_per_step = cfg.batch_size * cfg.seq_len
 
     # -- set-up, one concern each ------------------------------------------------------------
     def _load_data(self, spec, ck, start, init_from):
@@ -161,36 +151,6 @@ class Trainer:
                                            "run_id": start["config"].get("run_id"),
                                            "state": os.path.basename(start["dir"])}
 
-    def _check_out_dir(self, out_dir):
-        """--out must be new, empty (a first save that was interrupted leaves it so), or this run's
-        own folder: never another run or the user's files (checkpoint.run_state)."""
-        state = run_state(out_dir)
-        if state == "foreign" and not os.path.isdir(out_dir):
-            raise LMError(f"--out {out_dir!r} exists and is not a directory")
-        if state == "foreign":
-            raise LMError(f"--out {out_dir!r} is a folder that is not empty and holds no lstmkit checkpoint "
-                          f"({POINTER} is missing); choose a new or empty folder")
-        ptr = read_pointer(out_dir) if state == "run" else None
-        if ptr is not None and ptr.get("run_id") != self.run_id:
-            raise LMError(f"--out {out_dir!r} already holds the checkpoint of another run (step "
-                          f"{ptr.get('step')}); choose a new --out, or --resume it")
-
-    def _check_writable(self):
-        """Create --out and write a file in it before the first step, so that a run that could not
-        save is refused now, not after hours of training."""
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.out_dir)
-            os.close(fd)
-            os.remove(probe)
-        except OSError as e:
-            raise LMError(f"cannot write in --out {self.out_dir!r}: {e.strerror or e}") from None
-
-    def _make_optimizer(self):
-        cfg = self.cfg
-        return make_optimizer(cfg.optimizer, self.model.params, cfg.effective_lr, cfg.momentum,
-                              betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-
     def _fresh(self, start, init_from):
         cfg = self.cfg
         self.model = LanguageModel(self.tok.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
@@ -199,7 +159,7 @@ class Trainer:
             self.model.load_params(start["model"].params)
         self.optimizer = self._make_optimizer()
         self.step = 0
-        self.history = {"step": [], "loss": [], "val_step": [], "val_bpc": []}
+        self.history = self._new_history()
         self.elapsed = 0.0
         self.first_loss = None
         self.carry = self.model.initial_state(cfg.batch_size)
@@ -209,7 +169,7 @@ class Trainer:
         checked first (train_state.py)."""
         cfg = self.cfg
         self.model = ck["model"]
-        st = check_training_state(ck["state"], self.stream.chunks_per_epoch, resume)
+        st = check_training_state(ck["state"], self.stream.chunks_per_epoch, resume, self.val_key)
         self.optimizer = self._make_optimizer()
         try:
             self.optimizer.load_state(ck["optimizer_arrays"], st["optimizer"])
@@ -223,31 +183,17 @@ class Trainer:
         self.carry = check_carry(ck["carry"], (cfg.num_layers, cfg.batch_size, cfg.hidden_size),
                                  self.model.dtype, resume)
 
-    def _set_budget(self, more):
-        """Turn the budget into a total (steps, or minutes when training by time). `more` holds a
-        resume's budget flags, which add to what the run has done."""
-        cfg = self.cfg
-        if "steps" in more:
-            cfg.steps, cfg.epochs, cfg.minutes = self.step + more["steps"], 0.0, 0.0
-        elif "epochs" in more:
-            cfg.steps = self.step + max(1, math.ceil(more["epochs"] * self.stream.chunks_per_epoch))
-            cfg.epochs, cfg.minutes = 0.0, 0.0
-        elif "minutes" in more:
-            cfg.steps, cfg.epochs, cfg.minutes = 0, 0.0, self.elapsed / 60 + more["minutes"]
-        if not (cfg.steps or cfg.epochs or cfg.minutes):
-            cfg.minutes = MAIN_JOB_MINUTES
-        if cfg.epochs and not cfg.steps:
-            cfg.steps = max(1, math.ceil(cfg.epochs * self.stream.chunks_per_epoch))
+    def _chunks_per_epoch(self):
+        return self.stream.chunks_per_epoch
 
-    # -- reporting ---------------------------------------------------------------------------
+    def _epochs_done(self):
+        return self.stream.epochs_done
+
+    # -- the hooks of trainer.py's loop ------------------------------------------------------
     def _bpc(self, nats):
         if self.tok.kind == "word":
             return math.exp(nats)
         return nats / LN2 * self.val_tokens_per_char
-
-    @property
-    def metric(self):
-        return "perplexity" if self.tok.kind == "word" else "bits/char"
 
     def validate(self):
         """The validation text's score, read as one stream like `lstmkit eval` (evaluate.py)."""
@@ -256,6 +202,26 @@ class Trainer:
         nats, _ = evaluate(self.model, self.val_ids)
         return self._bpc(nats)
 
+    def _batch_loss(self):
+        x, y, epoch_start = self.stream.next()
+        if epoch_start:
+            self.carry = self.model.initial_state(self.cfg.batch_size)
+        loss, self._next_carry = self.model.loss(x, y, self.carry)
+        return loss
+
+    def _after_step(self):
+        self.carry = (self._next_carry[0].copy(), self._next_carry[1].copy())
+
+    def _train_curve(self):
+        loss = np.asarray(self.history["loss"])
+        if self.tok.kind == "word":
+            return np.exp(loss), "perplexity"
+        return loss / LN2 * self.val_tokens_per_char, "bits/char"
+
+    def _plot_title(self):
+        return (f"{os.path.basename(os.path.abspath(self.out_dir))}: {self.tok.kind} LSTM "
+                f"{self.cfg.num_layers}x{self.cfg.hidden_size}")
+
     def sample_text(self, length=None, seed=None) -> str:
         cfg = self.cfg
         seed = (cfg.seed, self.step) if seed is None else seed
@@ -263,24 +229,13 @@ class Trainer:
                                                       temperature=cfg.sample_temperature,
                                                       seed=np.random.SeedSequence(list(seed)))
 
-    def _write(self, s):
-        from tqdm import tqdm
-        tqdm.write(s, file=self.out)
-        self.out.flush()
-
-    def _budget_text(self):
+    def _between_steps(self):
         cfg = self.cfg
-        return _plural(cfg.steps, "step") if cfg.steps else _plural(round(cfg.minutes, 2), "minute")
-
-    def _check_finite(self, last_saved):
-        """Only finite parameters and a finite validation score are ever saved."""
-        bad = [k for k, p in self.model.params.items() if not np.isfinite(p).all()]
-        what = f"parameter {bad[0]} is not finite" if bad else None
-        if what is None and self.last_val is not None and not math.isfinite(self.last_val):
-            what = f"the validation score is {self.last_val}"
-        if what:
-            raise TrainingStopped(f"training stopped at step {self.step}: {what}; the last good checkpoint "
-                                  f"(step {last_saved}) is kept in {self.out_dir}; try a lower --lr or --grad-clip")
+        if cfg.sample_every and self.step % cfg.sample_every == 0 and not self._done():
+            t1 = time.perf_counter()
+            self._write(f"----- sample at step {self.step} ({self.elapsed / 60:.1f} min) -----\n"
+                        f"{self.sample_text()}\n-----")
+            self.elapsed += time.perf_counter() - t1
 
     def save(self, best=False):
         state = {"step": self.step, "data_position": self.stream.state(),
@@ -293,72 +248,6 @@ class Trainer:
                         best=best, val=self.last_val)
         self.plot()
 
-    def plot(self):
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError:   # the curve is a convenience; training does not depend on it
-            return
-        h = self.history
-        if not h["step"]:
-            return
-        fig = Figure(figsize=(7, 4), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        scale = 1.0 if self.tok.kind == "word" else self.val_tokens_per_char / LN2 \
-            if self.val_ids is not None else 1.0 / LN2
-        ax.plot(h["step"], np.asarray(h["loss"]) * scale if self.tok.kind != "word" else np.exp(h["loss"]),
-                lw=0.8, alpha=0.7, label="training (per chunk)")
-        if h["val_step"]:
-            ax.plot(h["val_step"], h["val_bpc"], "o-", label="validation")
-        ax.set_xlabel("step")
-        ax.set_ylabel(self.metric)
-        ax.set_title(f"{os.path.basename(os.path.abspath(self.out_dir))}: {self.tok.kind} LSTM "
-                     f"{self.cfg.num_layers}x{self.cfg.hidden_size}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        atomic_write(os.path.join(self.out_dir, "loss.png"), lambda f: fig.savefig(f, format="png"))
-
-    # -- the loop ----------------------------------------------------------------------------
-    def _done(self):
-        cfg = self.cfg
-        if cfg.steps:
-            return self.step >= cfg.steps
-        return bool(cfg.minutes) and self.elapsed >= cfg.minutes * 60
-
-    def _lr(self):
-        """This update's learning rate: warm-up, then the schedule over the run's budget."""
-        cfg = self.cfg
-        if cfg.steps:
-            progress = (self.step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        else:
-            progress = self.elapsed / (cfg.minutes * 60)
-        return scheduled_lr(cfg.effective_lr, self.step, cfg.lr_schedule, warmup=cfg.warmup_steps,
-                            progress=progress, decay=cfg.lr_decay, every=cfg.lr_decay_every,
-                            min_lr=cfg.effective_min_lr)
-
-    def _on_signal(self, signum, frame):
-        self.stop_signal = signum
-
-    def run(self) -> dict:
-        old_handlers = {}
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old_handlers[s] = signal.signal(s, self._on_signal)
-            except ValueError:   # not the main thread: no signal handling
-                pass
-        try:
-            with run_lock(self.out_dir):            # one writer per run: a second trainer is refused
-                self._check_out_dir(self.out_dir)   # again, now that no other writer can change it
-                return self._run()
-        finally:
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
-
-    def _result(self, status, signum=None):
-        return {"status": status, "step": self.step, "signal": signum, "val": self.last_val,
-                "best_val": self.best_val, "loss": self.history["loss"][-1] if self.history["loss"] else None}
-
     def _announce(self, resumed):
         cfg, model = self.cfg, self.model
         self._write(f"lstmkit: {'resuming' if resumed else 'training'} a {cfg.tokenizer} LSTM "
@@ -368,123 +257,7 @@ class Trainer:
                     + (f"step {self.step} of " if resumed else "") + self._budget_text()
                     + f"; saving to {self.out_dir}")
 
-    def _progress_bar(self):
-        from tqdm import tqdm
-        cfg = self.cfg
-        time_mode = not cfg.steps
-        fmt = "{l_bar}{bar}| {n_fmt}/{total_fmt} s of training [{elapsed}<{remaining}{postfix}]" \
-            if time_mode else "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]"
-        return tqdm(total=int(round(cfg.minutes * 60)) if time_mode else cfg.steps,
-                    initial=int(self.elapsed) if time_mode else self.step, bar_format=fmt,
-                    disable=not self.progress, file=self.err, mininterval=1.0, dynamic_ncols=True, leave=False)
-
-    def _train_step(self):
-        """One optimizer step on the next chunk; returns its loss (nats per token)."""
-        cfg, model = self.cfg, self.model
-        x, y, epoch_start = self.stream.next()
-        if epoch_start:
-            self.carry = model.initial_state(cfg.batch_size)
-        model.train()
-        model.zero_grad()
-        loss, carry = model.loss(x, y, self.carry)
-        if self.first_loss is None:
-            self.first_loss = loss
-        if not math.isfinite(loss) or loss > EXPLODE_FACTOR * self.first_loss:
-            what = "is not finite" if not math.isfinite(loss) else \
-                f"exploded ({loss:.3g} nats > {EXPLODE_FACTOR:g} x the first step's {self.first_loss:.3g})"
-            raise TrainingStopped(f"training stopped at step {self.step + 1}: the loss {what}; the last "
-                                  f"good checkpoint (step {self.last_saved}) is kept in {self.out_dir}; "
-                                  f"try a lower --lr or --grad-clip")
-        model.backward()
-        if cfg.grad_clip > 0:
-            if cfg.clip_mode == "norm":
-                clip_grad_norm(model.grads, cfg.grad_clip)
-            else:
-                clip_grad_value(model.grads, cfg.grad_clip)
-        self.optimizer.step(model.grads, self._lr())
-        self.carry = (carry[0].copy(), carry[1].copy())
-        self.step += 1
-        self.history["step"].append(self.step)
-        self.history["loss"].append(round(loss, 6))
-        return loss
-
-    def _validate_and_save(self, loss, rate):
-        t0 = time.perf_counter()
-        self.last_val = self.validate()
-        self.elapsed += time.perf_counter() - t0       # validation counts towards --minutes, as saved
-        best = False
-        if self.last_val is not None:
-            self.history["val_step"].append(self.step)
-            self.history["val_bpc"].append(round(self.last_val, 6))
-            self.history.setdefault("val_minutes", []).append(round(self.elapsed / 60, 4))
-            best = self.best_val is None or self.last_val < self.best_val
-        self._check_finite(self.last_saved)
-        if best:
-            self.best_val = self.last_val
-        self.save(best=best)
-        self.last_saved = self.step
-        val = f"{self.last_val:.3f}" if self.last_val is not None else "-"
-        self._write(f"step {self.step:6d}  epoch {self.stream.epochs_done:6.2f}  loss {loss:.4f} nats  "
-                    f"val {val} {self.metric}{' (best)' if best else ''}  {rate:,.0f} tokens/s  "
-                    f"{self.elapsed / 60:.1f} min")
-
-    def _run(self) -> dict:
-        cfg = self.cfg
-        resumed = self.step > 0
-        if resumed and self._done():
-            self._write(f"lstmkit: nothing to do: the run in {self.out_dir} has reached its budget "
-                        f"(step {self.step}, {self._budget_text()}); give --steps, --epochs or --minutes "
-                        f"to train that much more")
-            return self._result("nothing to do")
-        self._check_writable()
-        self._announce(resumed)
-        self.last_saved = self.step
-        if not resumed:
-            self.save()     # a good checkpoint exists from the start
-        bar = self._progress_bar()
-        tok_per_step = cfg.batch_size * cfg.seq_len
-        rate, status = None, "done"
-        try:
-            while not self._done():
-                if self.stop_signal is not None:
-                    status = "interrupted"
-                    break
-                t0 = time.perf_counter()
-                # a diverging run overflows; the loss and finiteness checks report it in one line
-                with np.errstate(over="ignore", invalid="ignore"):
-                    loss = self._train_step()
-                dt = time.perf_counter() - t0
-                self.elapsed += dt
-                rate = tok_per_step / dt if rate is None else 0.9 * rate + 0.1 * tok_per_step / dt
-                if self.step % cfg.eval_every == 0 or self._done():
-                    with np.errstate(over="ignore", invalid="ignore"):
-                        self._validate_and_save(loss, rate)
-                if cfg.sample_every and self.step % cfg.sample_every == 0 and not self._done():
-                    t1 = time.perf_counter()
-                    self._write(f"----- sample at step {self.step} ({self.elapsed / 60:.1f} min) -----\n"
-                                f"{self.sample_text()}\n-----")
-                    self.elapsed += time.perf_counter() - t1
-                val = f"{self.last_val:.3f}" if self.last_val is not None else "-"
-                bar.set_postfix_str(f"step {self.step} loss {loss:.3f} val {val} {rate:,.0f} tok/s", refresh=False)
-                bar.update((int(self.elapsed) - bar.n) if not cfg.steps else 1)
-        finally:
-            bar.close()
-        if self.step != self.last_saved or status == "interrupted":
-            self._check_finite(self.last_saved)
-            self.save()
-        if status == "interrupted":
-            name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(self.stop_signal, "a signal")
-            self._write(f"stopped by {name} at step {self.step}; saved {self.out_dir}; "
-                        f"continue with: lstmkit train --resume {self.out_dir}")
-            return self._result(status, self.stop_signal)
-        self._final_sample()
-        val = f"{self.last_val:.4f} {self.metric}" if self.last_val is not None else "no validation"
-        best = f" (best {self.best_val:.4f})" if self.best_val is not None and self.best_val != self.last_val else ""
-        self._write(f"done: step {self.step}, validation {val}{best}; checkpoint in {self.out_dir} "
-                    f"(lstmkit sample {self.out_dir})")
-        return self._result(status)
-
-    def _final_sample(self):
+    def _final(self):
         cfg = self.cfg
         if not cfg.sample_length:
             return
@@ -493,3 +266,6 @@ class Trainer:
                                                seed=np.random.SeedSequence([cfg.seed, self.step]),
                                                on_text=lambda s: (self.out.write(s), self.out.flush()))
         self.out.write("\n-----\n")
+
+    def _done_hint(self):
+        return f" (lstmkit sample {self.out_dir})"

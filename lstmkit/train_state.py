@@ -11,8 +11,8 @@ state.json:
     step            int >= 0            optimizer steps done
     data_position   {"epoch": int >= 0, "chunk": 0 <= int <= K}   where the stream continues (data.py)
     rng             {"dropout": NumPy PCG64 state}
-    history         {"step": [...], "loss": [...], "val_step": [...], "val_bpc": [...]}: numbers, the
-                    pairs of equal length
+    history         {"step": [...], "loss": [...], "val_step": [...], and the validation scores under
+                    the trainer's key ("val_bpc" for the LM)}: numbers, the pairs of equal length
     elapsed_s       finite float >= 0   training time so far (counts towards --minutes)
     first_loss      None or finite > 0  the first step's loss (the explosion check's reference)
     optimizer       {"name", "t": int >= 0, "lr"}   (optim.Optimizer.state_meta)
@@ -46,10 +46,10 @@ def _finite(v, what, low=0.0, allow_none=False, positive=False):
     return float(v)
 
 
-def _history(h):
+def _history(h, val_key):
     if not isinstance(h, dict):
         raise ValueError(f"history must be a dict of lists, got {type(h).__name__}")
-    for pair in (("step", "loss"), ("val_step", "val_bpc")):
+    for pair in (("step", "loss"), ("val_step", val_key)):
         cols = [h.get(k) for k in pair]
         if not all(isinstance(c, list) for c in cols) or len(cols[0]) != len(cols[1]):
             raise ValueError(f"history {pair[0]!r} and {pair[1]!r} must be lists of equal length")
@@ -59,7 +59,7 @@ def _history(h):
     return h
 
 
-def check_training_state(st, chunks_per_epoch, where) -> dict:
+def check_training_state(st, chunks_per_epoch, where, val_key="val_bpc") -> dict:
     """The checked values of state.json: {"step", "epoch", "chunk", "history", "elapsed_s",
     "first_loss", "rng", "optimizer"}; raises CheckpointError naming the first bad value."""
     try:
@@ -78,7 +78,7 @@ def check_training_state(st, chunks_per_epoch, where) -> dict:
         return {"step": _int(st["step"], "step"),
                 "epoch": _int(pos.get("epoch"), "data_position.epoch"),
                 "chunk": _int(pos.get("chunk"), "data_position.chunk", 0, chunks_per_epoch),
-                "history": _history(st["history"]),
+                "history": _history(st["history"], val_key),
                 "elapsed_s": _finite(st["elapsed_s"], "elapsed_s"),
                 "first_loss": _finite(st["first_loss"], "first_loss", allow_none=True, positive=True),
                 "rng": rng["dropout"], "optimizer": meta}

@@ -104,7 +104,7 @@ def test_non_finite_optimizer_state_is_refused(capsys, trained):
 
 
 def test_an_unwritable_out_is_found_before_training(capsys, trained, monkeypatch):
-    import lstmkit.train as T
+    import lstmkit.trainer as T
 
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
