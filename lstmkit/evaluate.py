@@ -29,6 +29,7 @@ import math
 import numpy as np
 
 from .config import EVAL_SEQ_LEN, LMError
+from .contexts import no_grad
 from .data import stream_chunks
 
 LN2 = math.log(2.0)
@@ -46,7 +47,8 @@ def evaluate(model, ids, seq_len=EVAL_SEQ_LEN) -> tuple[float, int]:
     total, count, state = 0.0, 0, None
     try:
         for x, y in stream_chunks(ids, seq_len):                    # (T, 1) each
-            loss, state = model.loss(x, y, state)
+            with no_grad():                                         # scoring keeps nothing for a backward
+                loss, state = model.loss(x, y, state)
             total += loss * y.size
             count += y.size
     finally:

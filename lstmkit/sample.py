@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import LMError
+from .contexts import no_grad
 
 
 class SampleError(LMError, ValueError):
@@ -74,31 +75,36 @@ class Sampler:
     def generate(self, length, temperature=1.0, top_k=0, top_p=1.0, greedy=False, prime="", seed=None,
                  on_text=None) -> str:
         """Generate `length` tokens after the prime; returns prime + generated text.  on_text(piece)
-        is called with each piece of text as soon as it is final (the prime first)."""
+        is called with each piece of text as soon as it is final (the prime first).  Runs in eval
+        mode and under no_grad (generation never runs a backward), leaving the model as it was."""
         rng = np.random.default_rng(seed)
         was_training = self.model.lstm.training
         self.model.eval()
         try:
-            z, state, prime_ids = self.start(prime, rng)
-            pieces = [prime] if prime else []
-            if on_text and prime:
-                on_text(prime)
-            dec = self.tok.stream()
-            if prime and self.tok.kind == "word":
-                dec.prev_word = self.tok.vocab[int(prime_ids[-1])]
-            for _ in range(length):
-                nxt = int(np.argmax(z)) if greedy else draw(filter_probs(z, temperature, top_k, top_p), rng)
-                piece = dec.feed(nxt)
-                if piece:
-                    pieces.append(piece)
-                    if on_text:
-                        on_text(piece)
-                z, state = self.model.step_logits(nxt, state)
-            tail = dec.flush()
-            if tail:
-                pieces.append(tail)
-                if on_text:
-                    on_text(tail)
+            with no_grad():
+                return self._generate(length, temperature, top_k, top_p, greedy, prime, rng, on_text)
         finally:
             self.model.train(was_training)
+
+    def _generate(self, length, temperature, top_k, top_p, greedy, prime, rng, on_text) -> str:
+        z, state, prime_ids = self.start(prime, rng)
+        pieces = [prime] if prime else []
+        if on_text and prime:
+            on_text(prime)
+        dec = self.tok.stream()
+        if prime and self.tok.kind == "word":
+            dec.prev_word = self.tok.vocab[int(prime_ids[-1])]
+        for _ in range(length):
+            nxt = int(np.argmax(z)) if greedy else draw(filter_probs(z, temperature, top_k, top_p), rng)
+            piece = dec.feed(nxt)
+            if piece:
+                pieces.append(piece)
+                if on_text:
+                    on_text(piece)
+            z, state = self.model.step_logits(nxt, state)
+        tail = dec.flush()
+        if tail:
+            pieces.append(tail)
+            if on_text:
+                on_text(tail)
         return "".join(pieces)
