@@ -69,18 +69,25 @@ __all__ = ["CheckpointError", "POINTER", "atomic_write", "check_output", "checkp
            "load_checkpoint", "nonfinite_parameters", "read_checkpoint", "read_pointer", "resolve", "run_lock",
            "run_state", "save_checkpoint"]
 
-FORMAT = "lstmkit-language-model"
+FORMAT = LanguageModel.FORMAT          # "lstmkit-language-model"; a classifier's is "lstmkit-classifier"
 POINTER = "checkpoint.json"
-REQUIRED = ("lstm.safetensors", "model.safetensors", "config.json", "vocab.json")
-TRAINING = ("optimizer.safetensors", "carry.safetensors", "state.json")
 # the only names in a run directory that save_checkpoint ever removes: its own state folders and the
 # temporaries of its own interrupted writes (tempfile's 8 random characters after ".tmp-")
 STATE_NAME = re.compile(r"step-\d{8}-[0-9a-f]{6}")
 TEMP_NAME = re.compile(r"\.tmp-[a-z0-9_]{8}(\.json|\.png)?")
 # model sizes a checkpoint may claim; far above what lstmkit trains, low enough that a claim is refused
 # before it becomes an allocation (the arrays must also match, and they are bounded by TENSOR_LIMIT)
-MODEL_LIMITS = {"vocab_size": 1 << 22, "embed_size": 1 << 16, "hidden_size": 1 << 16, "num_layers": 256}
+MODEL_LIMITS = {"vocab_size": 1 << 22, "embed_size": 1 << 16, "hidden_size": 1 << 16, "num_layers": 256,
+                "num_classes": 1 << 16}
 MODEL_DTYPES = ("float32", "float64")
+
+
+def model_kinds() -> dict:
+    """format name -> model class: what a checkpoint can hold. Each class gives FORMAT, ARRAY_FILES
+    ({file: key prefix}), checkpoint_arrays(), expected_shapes(cfg) ({file: {key: shape}}),
+    check_config(cfg) (ValueError for a bad value), from_config(cfg) and load_params(arrays)."""
+    from .classifier import SequenceClassifier
+    return {LanguageModel.FORMAT: LanguageModel, SequenceClassifier.FORMAT: SequenceClassifier}
 READ_ATTEMPTS = 3           # a state replaced while being read is read again from the new pointer
 
 
@@ -132,7 +139,7 @@ def read_pointer(run_dir) -> dict | None:
     except MissingFile:
         return None
     p = os.path.join(run_dir, POINTER)
-    if not isinstance(d, dict) or d.get("format") != FORMAT:
+    if not isinstance(d, dict) or d.get("format") not in model_kinds():
         raise CheckpointError(f"{p!r} is not an lstmkit checkpoint")
     if d.get("format_version") != FORMAT_VERSION:       # before its fields, which another version may change
         raise CheckpointError(f"checkpoint {run_dir!r} has format version {d.get('format_version')!r}; "
@@ -187,11 +194,10 @@ def checkpoint_info(path) -> dict:
 
 def _write_state(tmp, *, model, tokenizer, config, run_id, state, optimizer, carry):
     """The files of one state, each written and fsync'ed, into the temporary folder tmp."""
-    _save_st(os.path.join(tmp, "lstm.safetensors"), model.lstm.state_dict())
-    _save_st(os.path.join(tmp, "model.safetensors"),
-             {k: v for k, v in model.params.items() if not k.startswith("lstm.")})
+    for name, arrays in model.checkpoint_arrays().items():
+        _save_st(os.path.join(tmp, name), arrays)
     _write_json(os.path.join(tmp, "config.json"),
-                {"format": FORMAT, "format_version": FORMAT_VERSION, "run_id": run_id,
+                {"format": model.FORMAT, "format_version": FORMAT_VERSION, "run_id": run_id,
                  "model": model.config(), **config})
     _write_json(os.path.join(tmp, "vocab.json"), tokenizer.to_dict())
     if optimizer is not None:
@@ -208,8 +214,8 @@ def _write_state(tmp, *, model, tokenizer, config, run_id, state, optimizer, car
     os.chmod(tmp, MODE_DIR)
 
 
-def _new_pointer(run_dir, prev, name, run_id, step, best, val) -> dict:
-    ptr = {"format": FORMAT, "format_version": FORMAT_VERSION, "run_id": run_id, "step": step, "current": name}
+def _new_pointer(run_dir, prev, name, run_id, step, best, val, fmt) -> dict:
+    ptr = {"format": fmt, "format_version": FORMAT_VERSION, "run_id": run_id, "step": step, "current": name}
     if best:
         ptr.update(best=name, best_step=step, best_val=None if val is None else float(val))
     elif (prev is not None and prev.get("run_id") == run_id and prev.get("best")
@@ -218,11 +224,12 @@ def _new_pointer(run_dir, prev, name, run_id, step, best, val) -> dict:
     return ptr
 
 
-def save_checkpoint(run_dir, *, model: LanguageModel, tokenizer, config: dict, run_id: str, step: int,
+def save_checkpoint(run_dir, *, model, tokenizer, config: dict, run_id: str, step: int,
                     state: dict | None = None, optimizer=None, carry=None, best: bool = False,
                     val: float | None = None) -> str:
     """Write a complete state into run_dir atomically, holding the run's lock; returns its folder.
 
+    model: a LanguageModel or a SequenceClassifier (model_kinds());
     config: JSON-able dict (the trainer stores its TrainConfig and the data's identity in it);
     state: JSON-able training state; optimizer: an lstmkit.optim.Optimizer; carry: (h, c).
     best=True records this state as the run's best too, with val (its validation score) as best_val;
@@ -242,7 +249,7 @@ def save_checkpoint(run_dir, *, model: LanguageModel, tokenizer, config: dict, r
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_dir(run_dir)                  # the complete state is on disk under its name ...
-        ptr = _new_pointer(run_dir, prev, name, run_id, step, best, val)
+        ptr = _new_pointer(run_dir, prev, name, run_id, step, best, val, model.FORMAT)
         atomic_write_json(os.path.join(run_dir, POINTER), ptr)      # ... before the pointer names it
         # only now that the pointer is durable; the previous state stays for readers that resolved it
         _remove_stale(run_dir, keep={name, ptr.get("best"), prev and prev["current"]})
@@ -298,11 +305,13 @@ def resolve(path, which: str = "last") -> str:
     return d
 
 
-def _model_config(cfg, where) -> dict:
+def _model_config(cfg, kind, where) -> dict:
     """config.json's "model", every size checked against MODEL_LIMITS before anything is allocated."""
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{where}: config.json has no \"model\" object")
     for key, limit in MODEL_LIMITS.items():
+        if key not in kind.SIZES:
+            continue
         v = cfg.get(key)
         low = 0 if key == "embed_size" else 1             # embed_size 0 means "same as hidden_size"
         if not (type(v) is int and low <= v <= limit):
@@ -314,18 +323,11 @@ def _model_config(cfg, where) -> dict:
     if cfg.get("dtype", "float32") not in MODEL_DTYPES:
         raise CheckpointError(f"{where}: config.json model dtype is {cfg.get('dtype')!r}; "
                               f"expected one of {', '.join(MODEL_DTYPES)}")
+    try:
+        kind.check_config(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: config.json model: {e}") from None
     return cfg
-
-
-def _expected_shapes(cfg) -> tuple:
-    """({lstm key: shape}, {model key: shape}) that config.json's model sizes imply."""
-    V, H, L = cfg["vocab_size"], cfg["hidden_size"], cfg["num_layers"]
-    E = cfg["embed_size"] or H
-    lstm = {}
-    for k in range(L):
-        lstm.update({f"weight_ih_l{k}": (4 * H, E if k == 0 else H), f"weight_hh_l{k}": (4 * H, H),
-                     f"bias_ih_l{k}": (4 * H,), f"bias_hh_l{k}": (4 * H,)})
-    return lstm, {"embedding.weight": (V, E), "decoder.weight": (V, H), "decoder.bias": (V,)}
 
 
 def _shape_check(where, name, expected: dict, dtype):
@@ -346,31 +348,37 @@ def _shape_check(where, name, expected: dict, dtype):
     return check
 
 
-def _read_config(path, d, where) -> dict:
+def _read_config(path, d, where, want) -> dict:
     config = read_json(d, "config.json", SMALL_JSON_LIMIT)
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    kinds = model_kinds()
+    if not isinstance(config, dict) or config.get("format") not in kinds:
         raise CheckpointError(f"{where}: config.json is not an lstmkit config")
     if config.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path!r} has format version "
                               f"{config.get('format_version')!r}; this lstmkit reads version {FORMAT_VERSION}")
-    _model_config(config.get("model"), where)
+    if want is not None and config["format"] != want:
+        what = {LanguageModel.FORMAT: "a language model (lstmkit sample/eval)"}.get(
+            config["format"], "a classifier (lstmkit classify eval/predict)")
+        raise CheckpointError(f"checkpoint {path!r} holds {what}, not a {want.split('-', 1)[1].replace('-', ' ')}")
+    _model_config(config.get("model"), kinds[config["format"]], where)
     return config
 
 
-def _read_model(d, config, tokenizer, where) -> LanguageModel:
+def _read_model(d, config, tokenizer, where):
     """The model of a state folder; sizes agree with the arrays' headers before from_config allocates."""
     cfg = config["model"]
+    kind = model_kinds()[config["format"]]
     if tokenizer.vocab_size != cfg["vocab_size"]:
         raise CheckpointError(f"{where}: vocab.json has {tokenizer.vocab_size} tokens, the model "
                               f"{cfg['vocab_size']}")
     dtype = cfg.get("dtype", "float32")
-    lstm_shapes, rest_shapes = _expected_shapes(cfg)
-    arrays = {"lstm." + k: v for k, v in read_safetensors(
-        d, "lstm.safetensors", check=_shape_check(where, "lstm.safetensors", lstm_shapes, dtype)).items()}
-    arrays.update(read_safetensors(d, "model.safetensors",
-                                   check=_shape_check(where, "model.safetensors", rest_shapes, dtype)))
+    arrays = {}
+    for name, shapes in kind.expected_shapes(cfg).items():
+        prefix = kind.ARRAY_FILES[name]
+        arrays.update({prefix + k: v for k, v in read_safetensors(
+            d, name, check=_shape_check(where, name, shapes, dtype)).items()})
     try:
-        model = LanguageModel.from_config(cfg, seed=0)
+        model = kind.from_config(cfg, seed=0)
         model.load_params(arrays)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
@@ -382,6 +390,9 @@ def _read_training(d, config, where) -> dict:
     state = read_json(d, "state.json", JSON_LIMIT)
     opt = read_safetensors(d, "optimizer.safetensors")
     opt.pop("_empty", None)
+    out = {"state": state, "optimizer_arrays": opt}
+    if config["format"] != LanguageModel.FORMAT:        # only the language model carries h and c
+        return out
     carry = read_safetensors(d, "carry.safetensors")
     if set(carry) != {"h", "c"}:
         raise CheckpointError(f"{where}: carry.safetensors holds {sorted(carry)}, expected h and c")
@@ -390,12 +401,13 @@ def _read_training(d, config, where) -> dict:
             cfg["hidden_size"]):
         raise CheckpointError(f"{where}: carry.safetensors h {h.shape} and c {c.shape} are not both "
                               f"(L={cfg['num_layers']}, B, H={cfg['hidden_size']})")
-    return {"state": state, "optimizer_arrays": opt, "carry": (h, c)}
+    out["carry"] = (h, c)
+    return out
 
 
-def _read_state(path, d, training) -> dict:
+def _read_state(path, d, training, want) -> dict:
     where = f"checkpoint {path!r} is corrupt"
-    config = _read_config(path, d, where)
+    config = _read_config(path, d, where, want)
     try:
         tokenizer = tokenizer_from_dict(read_json(d, "vocab.json", JSON_LIMIT))
     except CheckpointError:
@@ -408,15 +420,16 @@ def _read_state(path, d, training) -> dict:
     return out
 
 
-def read_checkpoint(path, training: bool = False, which: str = "last") -> dict:
+def read_checkpoint(path, training: bool = False, which: str = "last", format: str | None = FORMAT) -> dict:
     """Everything in a checkpoint, checked: {"dir", "config", "model", "tokenizer", and with
-    training=True "state", "optimizer_arrays", "carry"}.  which: "last" or "best" (see resolve).
-    Raises CheckpointError."""
+    training=True "state", "optimizer_arrays", and for a language model "carry"}.  which: "last"
+    or "best" (see resolve).  format: the kind of model expected (a language model by default;
+    None takes any).  Raises CheckpointError."""
     for attempt in range(READ_ATTEMPTS):
         d = None
         try:
             d = resolve(path, which)
-            return _read_state(path, d, training)
+            return _read_state(path, d, training, format)
         except MissingFile:
             # a writer replaced the state since it was found (it keeps the previous one, so that takes
             # two saves during one read): read the state the pointer names now, unless nothing moved
@@ -432,11 +445,11 @@ def _moved(path, which, d) -> bool:
         return False
 
 
-def load_checkpoint(path, which: str = "last"):
+def load_checkpoint(path, which: str = "last", format: str | None = FORMAT):
     """(model, tokenizer, config_dict) of a checkpoint (a run directory or one of its step-* folders).
 
     model is a lstmkit.model.LanguageModel (model.lstm is the lstmkit.LSTM), in eval mode.
     which="best": the state of the best validation (a run without one yet gives its last)."""
-    ck = read_checkpoint(path, which=which)
+    ck = read_checkpoint(path, which=which, format=format)
     ck["model"].eval()
     return ck["model"], ck["tokenizer"], ck["config"]

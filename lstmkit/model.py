@@ -114,10 +114,35 @@ class LanguageModel:
         self.grads.update({"lstm." + k: g for k, g in self.lstm.grads.items()})
         self._cache = None
 
-    # -- configuration as JSON, for checkpoints
+    # -- what a checkpoint holds (checkpoint.py): config as JSON, arrays per safetensors file
+    FORMAT = "lstmkit-language-model"
+    ARRAY_FILES = {"lstm.safetensors": "lstm.", "model.safetensors": ""}     # file -> key prefix in params
+    SIZES = ("vocab_size", "embed_size", "hidden_size", "num_layers")        # checked against MODEL_LIMITS
+
     def config(self) -> dict:
         return {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
                 "dropout": self.dropout, "embed_size": self.embed_size, "dtype": self.dtype.name}
+
+    def checkpoint_arrays(self) -> dict:
+        """{file: {key: array}}: the LSTM under torch.nn.LSTM's own keys, the rest under torch.nn's."""
+        return {"lstm.safetensors": self.lstm.state_dict(),
+                "model.safetensors": {k: v for k, v in self.params.items() if not k.startswith("lstm.")}}
+
+    @staticmethod
+    def check_config(cfg: dict) -> None:
+        """Nothing beyond the sizes and dtype checkpoint.py checks for every model."""
+
+    @staticmethod
+    def expected_shapes(cfg: dict) -> dict:
+        """{file: {key: shape}} that a config's sizes imply, checked against the files' headers."""
+        V, H, L = cfg["vocab_size"], cfg["hidden_size"], cfg["num_layers"]
+        E = cfg["embed_size"] or H
+        lstm = {}
+        for k in range(L):
+            lstm.update({f"weight_ih_l{k}": (4 * H, E if k == 0 else H), f"weight_hh_l{k}": (4 * H, H),
+                         f"bias_ih_l{k}": (4 * H,), f"bias_hh_l{k}": (4 * H,)})
+        return {"lstm.safetensors": lstm,
+                "model.safetensors": {"embedding.weight": (V, E), "decoder.weight": (V, H), "decoder.bias": (V,)}}
 
     @classmethod
     def from_config(cls, cfg: dict, seed=None) -> "LanguageModel":

@@ -297,12 +297,12 @@ def test_a_reader_whose_state_was_removed_meanwhile_reads_the_new_one(tmp_path, 
     run, m, tok, opt = make(tmp_path)
     real, calls = ckpt._read_state, []
 
-    def slow_reader(path, d, training):
+    def slow_reader(path, d, training, want):
         calls.append(d)
         if len(calls) == 1:          # two saves happen between resolve and reading: d is gone
             for step in (4, 5):
                 save_checkpoint(run, model=m, tokenizer=tok, config={}, run_id="abc", step=step)
-        return real(path, d, training)
+        return real(path, d, training, want)
 
     monkeypatch.setattr(ckpt, "_read_state", slow_reader)
     assert read_checkpoint(run)["dir"] == resolve(run) and len(calls) == 2
