@@ -1,20 +1,21 @@
-"""LSTMCell and RNNCell: one step of a recurrent layer, torch.nn.*Cell's contract, on NumPy arrays.
+"""LSTMCell, GRUCell and RNNCell: one step of a recurrent layer, torch.nn.*Cell's contract, on NumPy arrays.
 
-A cell runs the layer functions of functional.py / kernels.py on a sequence of length one, so its
-equations, caches and backward are the layer's (see functional.py). Everything a module shares
-(parameters, contexts, state_dict) is modules._Module's.
+A cell runs the layer functions of functional.py / kernels.py / gru.py on a sequence of length one,
+so its equations, caches and backward are the layer's (see functional.py and gru.py). Everything a
+module shares (parameters, contexts, state_dict) is modules._Module's.
 
 Shape letters
-    N   batch           I   input_size          H   hidden_size         G   4H (LSTM) or H (RNN)
+    N   batch           I   input_size          H   hidden_size         G   4H (LSTM), 3H (GRU) or H (RNN)
 
     h', c' = lstm_cell(x, (h, c))          grad_x, (grad_h, grad_c) = lstm_cell.backward((grad_h', grad_c'))
+    h' = gru_cell(x, h)                    grad_x, grad_h = gru_cell.backward(grad_h')
     h' = rnn_cell(x, h)                    grad_x, grad_h = rnn_cell.backward(grad_h')
     state, ctx = cell(x, hx, return_ctx=True);  cell.backward(grad_state, ctx=ctx)
 """
 
 import numpy as np
 
-from . import contexts
+from . import contexts, gru
 from .contexts import is_grad_enabled
 from .modules import _Module, _backend, _check_dtype, _check_int
 
@@ -40,7 +41,7 @@ class _CellBase(_Module):
         x = np.asarray(input)
         if x.ndim not in (1, 2):
             raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {x.ndim}D instead")
-        self._check_input_dtype(x)
+        self._check_input_dtype(x, RuntimeError)   # torch's cells fail in the product, with RuntimeError
         batched = x.ndim == 2
         x = x if batched else x[None]
         if x.shape[1] != self.input_size:
@@ -56,6 +57,9 @@ class _CellBase(_Module):
                 raise ValueError(f"{self._name}: Expected {label} to be 1D or 2D, got {s.ndim}D instead")
             if s.dtype != self.dtype:
                 raise RuntimeError(f"{self._name}: {label} has dtype {s.dtype}, expected {self.dtype}")
+            if not batched and s.ndim != 1:
+                raise RuntimeError(f"hidden{k} has inconsistent hidden_size: for unbatched input (I,) "
+                                   f"{label} must be 1-D ({self.hidden_size},), got shape {s.shape}")
             s = s if batched else s[None]
             if s.ndim != 2 or s.shape[1] != self.hidden_size:
                 raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {s.shape[-1]}, "
@@ -80,6 +84,11 @@ class _CellBase(_Module):
             _, h, c, cache = backend.lstm_layer_forward(x[None], states[0], states[1], p["weight_ih"],
                                                         p["weight_hh"], self._b(), None, save=save, W_hh_T=W_hh_T)
             state = (h, c) if batched else (h[0], c[0])
+        elif self._name == "GRUCell":
+            b_ih, b_hh = (p["bias_ih"], p["bias_hh"]) if self.bias else (None, None)
+            _, h, cache = gru.gru_layer_forward(x[None], states[0], p["weight_ih"], p["weight_hh"], b_ih, b_hh,
+                                                save=save)
+            state = h if batched else h[0]
         else:
             _, h, cache = backend.rnn_layer_forward(x[None], states[0], p["weight_ih"], p["weight_hh"],
                                                     self._b(), self.nonlinearity, save=save)
@@ -99,12 +108,13 @@ class _CellBase(_Module):
         g = g.astype(self.dtype, copy=False)
         return g if saved["batched"] else g[None]
 
-    def _accumulate(self, dW_ih, dW_hh, db):
+    def _accumulate(self, dW_ih, dW_hh, db_ih, db_hh=None):
+        """Add parameter gradients; db_hh None: the layer took b = b_ih + b_hh, whose gradient is both."""
         self.grads["weight_ih"] += dW_ih
         self.grads["weight_hh"] += dW_hh
-        if db is not None:
-            self.grads["bias_ih"] += db
-            self.grads["bias_hh"] += db
+        if db_ih is not None:
+            self.grads["bias_ih"] += db_ih
+            self.grads["bias_hh"] += db_ih if db_hh is None else db_hh
 
     def _given(self, input, hx):
         states = hx if isinstance(hx, (tuple, list)) else (hx,)
@@ -179,6 +189,39 @@ class RNNCell(_CellBase):
         dh = self._grad_in(grad_state, "grad_h", saved)
         dx, dh0, dW_ih, dW_hh, db = saved["backend"].rnn_layer_backward(np.zeros_like(dh)[None], dh, saved["cache"])
         self._accumulate(dW_ih, dW_hh, db)
+        contexts.done(ctx, retain)
+        dx = dx[0]
+        return (dx, dh0) if saved["batched"] else (dx[0], dh0[0])
+
+
+class GRUCell(_CellBase):
+    """One GRU step, torch.nn.GRUCell's contract: h' = cell(x, h); x (N, I) or (I,), h (N, H) or (H,).
+
+        r = σ(W_ir x + b_ir + W_hr h + b_hr)      z = σ(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))      h' = (1 - z) ⊙ n + z ⊙ h
+
+    weight_ih (3H, I), weight_hh (3H, H), bias_ih, bias_hh (3H,), rows r, z, n as in torch.
+    grad_x, grad_h = cell.backward(grad_h');  h', ctx = cell(x, h, return_ctx=True);
+    cell.backward(grad_state, ctx=ctx). An input of another dtype than the weights is a
+    RuntimeError, as torch's cells raise (its layers raise ValueError).
+    """
+
+    _name = "GRUCell"
+
+    def __init__(self, input_size, hidden_size, bias=True, *, dtype=np.float32, seed=None):
+        super().__init__(input_size, hidden_size, bias, 3, dtype, seed)
+
+    def forward(self, input, hx=None, *, return_ctx=False):
+        x, states, batched = self._prepare(input, (hx,))
+        return self._step(x, states, batched, self._given(input, hx), return_ctx)
+
+    def backward(self, grad_state=None, *, ctx=None, retain=False):
+        """grad_x, grad_h of a forward (the latest one's, or ctx's) from grad_state = grad_h'."""
+        ctx = contexts.take(self, ctx)
+        saved = ctx.saved
+        dh = self._grad_in(grad_state, "grad_h", saved)
+        dx, dh0, dW_ih, dW_hh, db_ih, db_hh = gru.gru_layer_backward(np.zeros_like(dh)[None], dh, saved["cache"])
+        self._accumulate(dW_ih, dW_hh, db_ih, db_hh)
         contexts.done(ctx, retain)
         dx = dx[0]
         return (dx, dh0) if saved["batched"] else (dx[0], dh0[0])

@@ -1,4 +1,4 @@
-"""LSTM, RNN, LSTMCell and RNNCell with torch.nn's contract, on NumPy arrays (the cells in cells.py).
+"""LSTM, GRU, RNN (and the cells, in cells.py) with torch.nn's contract, on NumPy arrays.
 
 Same constructor arguments, parameter names and shapes, initialisation U(-1/sqrt(H), 1/sqrt(H)),
 input conventions and exception types as torch.nn; plus a hand-written `backward`.
@@ -6,11 +6,17 @@ input conventions and exception types as torch.nn; plus a hand-written `backward
 Shape letters
     L   sequence length (T inside the layers)     N   batch (B inside the layers)
     I   input_size      H   hidden_size           P   proj_size if > 0 else hidden_size
-    D   2 if bidirectional else 1                 G   gate rows: 4H (LSTM) or H (RNN)
+    D   2 if bidirectional else 1                 G   gate rows: 4H (LSTM), 3H (GRU) or H (RNN)
+    T   the longest sequence of a packed batch    B   its sequences        N   (packed) real tokens
 
 Stacking (torch.nn.LSTM): layer k > 0 takes the D directions of layer k-1 concatenated,
 (L, N, D*P); in train mode dropout with probability p zeroes elements of that input (inverted
 dropout, kept elements scaled by 1/(1-p)); the reverse direction reads the sequence back to front.
+
+Packed batches (torch.nn.utils.rnn.PackedSequence, here lstmkit.utils.rnn's): the data (N, I) is
+laid out on the sorted (T, B) grid (packed.py), every layer runs over the real tokens only (the
+GRU layer takes batch_sizes, the LSTM and RNN layers run once per run of equal batch size), the
+reverse direction starts each sequence at its own last step, and the output is packed again.
 
 Forward and backward (the same shape for every module; contexts.py has the guards):
     out, state = module(x, hx)                              plain: the module keeps this forward's
@@ -22,14 +28,16 @@ given to backward is optional (None: that output does not reach the loss); backw
 keeps the context for another backward. Parameter gradients are added into module.grads.
 """
 
+import functools
 import numbers
 import os
 import warnings
 
 import numpy as np
 
-from . import contexts, functional
+from . import contexts, functional, gru, packed
 from .contexts import NO_GRAD, as_parameter, is_grad_enabled, no_grad  # noqa: F401 - no_grad re-exported
+from .utils.rnn import PackedSequence
 
 try:  # the fused kernels are optional: without Numba, the reference runs
     from . import kernels as _kernels
@@ -165,9 +173,9 @@ class _Module:
     def eval(self):
         return self.train(False)
 
-    def _check_input_dtype(self, x):
+    def _check_input_dtype(self, x, error=ValueError):
         if x.dtype != self.dtype:
-            raise ValueError(f"{self._name} input dtype ({x.dtype}) does not match weight dtype "
+            raise error(f"{self._name} input dtype ({x.dtype}) does not match weight dtype "
                              f"({self.dtype}). Convert the input with .astype(np.{self.dtype}), or build "
                              f"the module with dtype=np.{x.dtype}")
 
@@ -220,7 +228,7 @@ def _value_problem(name, value, param):
 
 
 class _RNNBase(_Module):
-    """The multi-layer, optionally bidirectional recurrent stack shared by LSTM and RNN."""
+    """The multi-layer, optionally bidirectional recurrent stack shared by LSTM, GRU and RNN."""
 
     def __init__(self, mode, input_size, hidden_size, num_layers, bias, batch_first, dropout,
                  bidirectional, proj_size, dtype, seed):
@@ -246,7 +254,7 @@ class _RNNBase(_Module):
         self.bias, self.batch_first, self.dropout = bool(bias), bool(batch_first), float(dropout)
         self.bidirectional, self.proj_size = bool(bidirectional), int(proj_size)
         self.dtype = _check_dtype(dtype)
-        gate_size = 4 * hidden_size if mode == "LSTM" else hidden_size
+        gate_size = {"LSTM": 4, "GRU": 3}.get(mode, 1) * hidden_size
         D = 2 if bidirectional else 1
         P = proj_size if proj_size > 0 else hidden_size
         shapes = []
@@ -272,14 +280,12 @@ class _RNNBase(_Module):
     def _P(self):
         return self.proj_size if self.proj_size > 0 else self.hidden_size
 
-    def _layer_params(self, layer, direction):
-        sfx = self._suffixes[layer][direction]
-        p = self._plain
-        b = self._summed_bias(sfx) if self.bias else None
-        return sfx, p["weight_ih" + sfx], p["weight_hh" + sfx], b, p.get("weight_hr" + sfx)
-
+    # ------------------------------------------------------------------ input and states
     def _prepare_input(self, input):
-        """Check the input as torch does; return it as (L, N, I) and whether it was batched."""
+        """Check the input as torch does; return it as (L, N, I), whether it was batched, and for a
+        PackedSequence its packing (the input then on the sorted grid, see _prepare_packed)."""
+        if isinstance(input, PackedSequence):
+            return self._prepare_packed(input)
         x = np.asarray(input)
         if x.ndim not in (2, 3):
             raise ValueError(f"{self._name}: Expected input to be 2D or 3D, got {x.ndim}D instead")
@@ -295,10 +301,41 @@ class _RNNBase(_Module):
         if x.shape[0] == 0:
             raise RuntimeError(f"Expected sequence length to be larger than 0 in {self._name}, "
                                f"got input of shape {np.asarray(input).shape}")
-        return x, batched
+        return x, batched, None
 
-    def _prepare_state(self, state, name, size, batched, N):
-        """Check one of h_0 / c_0 as torch does; return it as (num_layers*D, N, size)."""
+    def _prepare_packed(self, seq):
+        """A PackedSequence checked as torch does (data (N, I) of the weights' dtype) and as torch
+        does not (batch_sizes, N = Σ batch_sizes, indices of length B: torch fails later, or not at
+        all). Returns x (T, B, I) on the sorted grid (packed.py), True, and the packing.
+        batch_first does not apply: a PackedSequence has one layout, as in torch."""
+        data = np.asarray(seq.data)
+        self._check_input_dtype(data)
+        if data.ndim != 2:
+            raise RuntimeError(f"{self._name}: input must have 2 dimensions, got {data.ndim} "
+                               f"(a PackedSequence's data is (N, input_size); its shape is {data.shape})")
+        if data.shape[1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
+                               f"got {data.shape[1]}")
+        bs = np.asarray(seq.batch_sizes)
+        if bs.ndim != 1 or bs.size == 0:
+            raise RuntimeError(f"{self._name}: batch_sizes must be a non-empty 1-D array, got shape {bs.shape}")
+        bs = packed.check_batch_sizes(bs, bs.shape[0], int(bs[0]))
+        if data.shape[0] != bs.sum():
+            raise RuntimeError(f"{self._name}: the PackedSequence's data has {data.shape[0]} rows but its "
+                               f"batch_sizes add up to {int(bs.sum())}")
+        for name in ("sorted_indices", "unsorted_indices"):
+            idx = getattr(seq, name)
+            if idx is not None and np.shape(idx) != (bs[0],):
+                raise RuntimeError(f"{self._name}: {name} must have one entry per sequence, shape "
+                                   f"({int(bs[0])},), got {np.shape(idx)}")
+        packing = {"batch_sizes": seq.batch_sizes, "bs": bs, "lengths": packed.lengths_of(bs),
+                   "sorted": seq.sorted_indices, "unsorted": seq.unsorted_indices}
+        return packed.to_grid(data, bs), True, packing
+
+    def _prepare_state(self, state, name, size, batched, N, packing=None):
+        """Check one of h_0 / c_0 as torch does; return it as (num_layers*D, N, size). For a packed
+        input it is in the user's batch order and comes back in the sorted order (torch permutes
+        h_0 by sorted_indices the same way)."""
         expected = (self.num_layers * self._D, N, size)
         s = np.asarray(state)
         if s.dtype != self.dtype:
@@ -307,7 +344,7 @@ class _RNNBase(_Module):
         if batched:
             if s.shape != expected:
                 raise RuntimeError(f"Expected {name} size {expected}, got {list(s.shape)}")
-            return s
+            return s if packing is None else packed.sort_batch(s, packing["sorted"])
         if s.shape != (expected[0], expected[2]):
             raise RuntimeError(f"Expected {name} size {(expected[0], expected[2])}, got {list(s.shape)}")
         return s[:, None, :]
@@ -321,10 +358,83 @@ class _RNNBase(_Module):
             got = ", ".join(f"{r}-D" for r in ranks)
             raise RuntimeError(f"For {kind} input, {names} should also be {want}-D but got ({got}) tensors")
 
-    def _run_stack(self, x, h0, c0, backend, save):
+    # ------------------------------------------------------------------ one layer, one direction
+    def _layer_forward(self, backend, layer, d, x, h0, c0, bs, save):
+        """One layer in one direction: out (T, N, P), h_T, c_T (None but for the LSTM), cache.
+        bs: the batch_sizes of a packed batch (x on its sorted grid), or None. The GRU layer takes
+        batch_sizes itself; the LSTM and RNN layers are run by packed.packed_layer_forward, one
+        call per run of equal batch size over the rows still running (real tokens only)."""
+        sfx = self._suffixes[layer][d]
+        p = self._plain
+        W_ih, W_hh = p["weight_ih" + sfx], p["weight_hh" + sfx]
+        if self.mode == "GRU":   # b_hn sits inside r ⊙ (W_hn h + b_hn): the biases stay apart
+            b_ih, b_hh = (p["bias_ih" + sfx], p["bias_hh" + sfx]) if self.bias else (None, None)
+            out, h_T, cache = gru.gru_layer_forward(x, h0, W_ih, W_hh, b_ih, b_hh, bs, save=save)
+            return out, h_T, None, cache
+        b = self._summed_bias(sfx) if self.bias else None
+        if self.mode == "LSTM":
+            # batch 1 reads W_hh transposed in the T > 1 forward loop and in every backward
+            b1 = (x.shape[1] == 1 and (save or x.shape[0] > 1)) or (bs is not None and bs[-1] == 1)
+            W_hh_T = self._transposed_W_hh(sfx) if b1 else None
+            params = (W_ih, W_hh, b, p.get("weight_hr" + sfx))
+            if bs is None:
+                return backend.lstm_layer_forward(x, h0, c0, *params, save=save, W_hh_T=W_hh_T)
+            forward, states = functools.partial(backend.lstm_layer_forward, W_hh_T=W_hh_T), (h0, c0)
+        else:
+            params = (W_ih, W_hh, b, "tanh" if self.mode == "RNN_TANH" else "relu")
+            if bs is None:
+                out, h_T, cache = backend.rnn_layer_forward(x, h0, *params, save=save)
+                return out, h_T, None, cache
+            forward, states = backend.rnn_layer_forward, (h0,)
+        out, *finals, cache = packed.packed_layer_forward(forward, x, states, params, bs, save=save)
+        return out, finals[0], finals[1] if len(finals) == 2 else None, cache
+
+    def _layer_backward(self, backend, layer, d, dout, dh, dc, cache, is_packed):
+        """Backward of _layer_forward: dx, dh0, dc0 (None but for the LSTM); the parameter gradients
+        are added into self.grads."""
+        sfx = self._suffixes[layer][d]
+        if self.mode == "GRU":
+            dx, dh0, dW_ih, dW_hh, db_ih, db_hh = gru.gru_layer_backward(dout, dh, cache)
+            self._accumulate(sfx, dW_ih, dW_hh, db_ih, db_hh)
+            return dx, dh0, None
+        if self.mode == "LSTM":
+            backward, dstates = backend.lstm_layer_backward, (dh, dc)
+        else:
+            backward, dstates = backend.rnn_layer_backward, (dh,)
+        if is_packed:
+            dx, *rest = packed.packed_layer_backward(backward, dout, dstates, cache)
+        else:
+            dx, *rest = backward(dout, *dstates, cache)
+        k = len(dstates)
+        # b = b_ih + b_hh in these layers, so both biases receive its gradient
+        self._accumulate(sfx, rest[k], rest[k + 1], rest[k + 2], rest[k + 2], *rest[k + 3:])
+        return dx, rest[0], rest[1] if k == 2 else None
+
+    def _accumulate(self, sfx, dW_ih, dW_hh, db_ih, db_hh, dW_hr=None):
+        g = self.grads
+        g["weight_ih" + sfx] += dW_ih
+        g["weight_hh" + sfx] += dW_hh
+        if db_ih is not None:
+            g["bias_ih" + sfx] += db_ih
+            g["bias_hh" + sfx] += db_hh
+        if dW_hr is not None:
+            g["weight_hr" + sfx] += dW_hr
+
+    # ------------------------------------------------------------------ the stack
+    @staticmethod
+    def _flip(packing):
+        """The reverse direction's view of time: x[::-1], or for a packed batch each sequence
+        reversed within its own length (it starts at its own last step, never in padding)."""
+        if packing is None:
+            return lambda a: a[::-1]
+        return lambda a: packed.reverse_within_lengths(a, packing["lengths"])
+
+    def _run_stack(self, x, h0, c0, backend, save, packing=None):
         """Forward through every layer and direction. x (L, N, I) -> (L, N, D*P), h_n, c_n, and what
         backward needs ({"caches", "masks"}), or None when save is False (no_grad)."""
         D, L_ = self._D, self.num_layers
+        bs = None if packing is None else packing["bs"]
+        flip = self._flip(packing)
         h_n = np.empty_like(h0)
         c_n = np.empty_like(c0) if c0 is not None else None
         caches, masks = [], []
@@ -340,96 +450,104 @@ class _RNNBase(_Module):
             outs, layer_caches = [], []
             for d in range(D):
                 idx = layer * D + d
-                _, W_ih, W_hh, b, W_hr = self._layer_params(layer, d)
-                xin = np.ascontiguousarray(x if d == 0 else x[::-1])
-                if self.mode == "LSTM":
-                    # batch 1 reads W_hh transposed in the T > 1 forward loop and in every backward
-                    b1 = xin.shape[1] == 1 and (save or xin.shape[0] > 1)
-                    W_hh_T = self._transposed_W_hh(self._suffixes[layer][d]) if b1 else None
-                    out, h_T, c_T, cache = backend.lstm_layer_forward(xin, h0[idx], c0[idx], W_ih, W_hh, b, W_hr,
-                                                                      save=save, W_hh_T=W_hh_T)
+                xin = np.ascontiguousarray(x if d == 0 else flip(x))
+                out, h_n[idx], c_T, cache = self._layer_forward(
+                    backend, layer, d, xin, h0[idx], None if c0 is None else c0[idx], bs, save)
+                if c_T is not None:
                     c_n[idx] = c_T
-                else:
-                    nl = "tanh" if self.mode == "RNN_TANH" else "relu"
-                    out, h_T, cache = backend.rnn_layer_forward(xin, h0[idx], W_ih, W_hh, b, nl, save=save)
-                h_n[idx] = h_T
-                outs.append(out if d == 0 else out[::-1])
+                outs.append(out if d == 0 else flip(out))
                 layer_caches.append(cache)
             caches.append(layer_caches)
             x = outs[0] if D == 1 else np.concatenate(outs, axis=2)
         if not save:
             return x, h_n, c_n, None
-        if D == 1:   # the top layer's cache holds its output as h: the caller gets a copy to edit freely
+        if D == 1 and packing is None:   # the top layer's cache holds its output as h: hand out a copy
             x = x.copy()
         return x, h_n, c_n, {"caches": caches, "masks": masks}
 
     def _backward_stack(self, dy, dh_n, dc_n, saved):
         """Backward through the stack in reverse. dy (L, N, D*P) -> dx (L, N, I), dh_0, dc_0."""
         D, P = self._D, self._P
-        backend = saved["backend"]
+        backend, packing = saved["backend"], saved["packing"]
+        flip = self._flip(packing)
         dh0 = np.empty_like(dh_n)
         dc0 = np.empty_like(dc_n) if dc_n is not None else None
         for layer in reversed(range(self.num_layers)):
             dx_layer = None
             for d in range(D):
                 idx = layer * D + d
-                sfx = self._suffixes[layer][d]
-                cache = saved["caches"][layer][d]
                 dout = dy[:, :, d * P:(d + 1) * P]
-                dout = np.ascontiguousarray(dout if d == 0 else dout[::-1])
-                if self.mode == "LSTM":
-                    dx, dh, dc, dW_ih, dW_hh, db, dW_hr = backend.lstm_layer_backward(
-                        dout, dh_n[idx], dc_n[idx], cache)
+                dout = np.ascontiguousarray(dout if d == 0 else flip(dout))
+                dx, dh0[idx], dc = self._layer_backward(backend, layer, d, dout, dh_n[idx],
+                                                        None if dc_n is None else dc_n[idx],
+                                                        saved["caches"][layer][d], packing is not None)
+                if dc is not None:
                     dc0[idx] = dc
-                    if dW_hr is not None:
-                        self.grads["weight_hr" + sfx] += dW_hr
-                else:
-                    dx, dh, dW_ih, dW_hh, db = backend.rnn_layer_backward(dout, dh_n[idx], cache)
-                dh0[idx] = dh
-                self.grads["weight_ih" + sfx] += dW_ih
-                self.grads["weight_hh" + sfx] += dW_hh
-                if db is not None:   # b = b_ih + b_hh, so both receive the same gradient
-                    self.grads["bias_ih" + sfx] += db
-                    self.grads["bias_hh" + sfx] += db
-                dx = dx if d == 0 else dx[::-1]
+                dx = dx if d == 0 else flip(dx)
                 dx_layer = dx if dx_layer is None else dx_layer + dx
             if saved["masks"][layer] is not None:
                 dx_layer = dx_layer * saved["masks"][layer]
             dy = dx_layer
         return dy, dh0, dc0
 
-    def _forward(self, x, h0, c0, batched, given, return_ctx):
+    # ------------------------------------------------------------------ forward and backward
+    def _forward(self, x, h0, c0, batched, given, return_ctx, packing=None):
         """The stack forward and its context. given: [(label, array the caller passed)]."""
         self.__dict__["_last"] = None   # drop the previous context first: two sets of caches never coexist
         backend = _backend()
         save = is_grad_enabled()
-        y, h_n, c_n, saved = self._run_stack(x, h0, c0, backend, save)
-        output = self._finish_output(y, batched)
+        y, h_n, c_n, saved = self._run_stack(x, h0, c0, backend, save, packing)
+        if packing is None:
+            output = self._finish_output(y, batched)
+            h_n, c_n = self._state_out(h_n, batched), None if c_n is None else self._state_out(c_n, batched)
+        else:   # h_n, c_n back in the user's batch order, as torch returns them
+            output = PackedSequence(packed.from_grid(y, packing["bs"]), packing["batch_sizes"],
+                                    packing["sorted"], packing["unsorted"])
+            h_n, c_n = (None if s is None else packed.unsort_batch(s, packing["unsorted"]) for s in (h_n, c_n))
         if saved is not None:
-            saved.update(batched=batched, N=x.shape[1], out_shape=output.shape, backend=backend)
+            saved.update(batched=batched, N=x.shape[1], backend=backend, packing=packing,
+                         out_shape=output.shape if packing is None else output.data.shape)
         ctx = self._record(saved, given, return_ctx)
-        state = self._state_out(h_n, batched) if c_n is None else \
-            (self._state_out(h_n, batched), self._state_out(c_n, batched))
+        state = h_n if c_n is None else (h_n, c_n)
         return (output, state, ctx) if return_ctx else (output, state)
 
     def _backward(self, grad_output, grad_h_n, grad_c_n, ctx, retain):
-        """Checks, then the stack backward: grad_x, grad_h_0, grad_c_0 (None for an RNN)."""
+        """Checks, then the stack backward: grad_x, grad_h_0, grad_c_0 (None but for the LSTM)."""
         ctx = contexts.take(self, ctx)
         saved = ctx.saved
-        batched = saved["batched"]
+        batched, packing = saved["batched"], saved["packing"]
+        if packing is not None:
+            grad_output = self._packed_grad(grad_output, packing)
         dy = self._grad_in(grad_output, "grad_output", saved["out_shape"])
         dh_n = self._grad_in(grad_h_n, "grad_h_n", self._state_shape(self._P, saved))
         dc_n = None if self.mode != "LSTM" else \
             self._grad_in(grad_c_n, "grad_c_n", self._state_shape(self.hidden_size, saved))
-        if not batched:   # back to the layers' layout: (L, N, .) and (num_layers*D, N, .)
+        if packing is not None:   # to the layers' layout: the sorted grid, states in sorted order
+            dy = packed.to_grid(dy, packing["bs"])
+            dh_n, dc_n = (None if g is None else packed.sort_batch(g, packing["sorted"]) for g in (dh_n, dc_n))
+        elif not batched:   # back to the layers' layout: (L, N, .) and (num_layers*D, N, .)
             dy, dh_n = dy[:, None, :], dh_n[:, None, :]
             dc_n = None if dc_n is None else dc_n[:, None, :]
         elif self.batch_first:
             dy = dy.swapaxes(0, 1)
         dx, dh0, dc0 = self._backward_stack(dy, dh_n, dc_n, saved)
         contexts.done(ctx, retain)
+        if packing is not None:
+            dx = PackedSequence(packed.from_grid(dx, packing["bs"]), packing["batch_sizes"],
+                                packing["sorted"], packing["unsorted"])
+            return (dx, *(None if g is None else packed.unsort_batch(g, packing["unsorted"]) for g in (dh0, dc0)))
         return self._finish_output(dx, batched), self._state_out(dh0, batched), \
             None if dc0 is None else self._state_out(dc0, batched)
+
+    def _packed_grad(self, grad, packing):
+        """grad_output of a packed forward: a PackedSequence like the output (its data is taken), or
+        its data array (N, D*P), or None."""
+        if not isinstance(grad, PackedSequence):
+            return grad
+        if not np.array_equal(np.asarray(grad.batch_sizes), packing["bs"]):
+            raise RuntimeError(f"{self._name}.backward: grad_output must be packed like the output, "
+                               f"batch_sizes {packing['bs'].tolist()}, got {np.asarray(grad.batch_sizes).tolist()}")
+        return grad.data
 
     def _state_shape(self, size, saved):
         full = (self.num_layers * self._D, saved["N"], size)
@@ -453,6 +571,22 @@ class _RNNBase(_Module):
     def _state_out(self, s, batched):
         return s if batched else s[:, 0, :]
 
+    # ------------------------------------------------------------------ RNN and GRU: one state
+    def _forward_h(self, input, hx, return_ctx):
+        """forward of the modules whose state is h alone (RNN, GRU)."""
+        x, batched, packing = self._prepare_input(input)
+        N = x.shape[1]
+        if hx is None:
+            h0 = np.zeros((self.num_layers * self._D, N, self.hidden_size), dtype=self.dtype)
+        else:
+            if np.ndim(hx) != (3 if batched else 2):
+                kind, want = ("batched 3-D", 3) if batched else ("unbatched 2-D", 2)
+                raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got "
+                                   f"{np.ndim(hx)}-D tensor")
+            h0 = self._prepare_state(hx, "hidden", self.hidden_size, batched, N, packing)
+        given = [("the input", _data_of(input)), ("h_0", hx)]
+        return self._forward(x, h0, None, batched, given, return_ctx, packing)
+
     def __repr__(self):
         extra = f", num_layers={self.num_layers}" if self.num_layers != 1 else ""
         extra += "" if self.bias else ", bias=False"
@@ -463,6 +597,19 @@ class _RNNBase(_Module):
         return f"{self._name}({self.input_size}, {self.hidden_size}{extra})"
 
 
+def _data_of(input):
+    """What a forward fingerprints of its input: a PackedSequence's data, else the input."""
+    return input.data if isinstance(input, PackedSequence) else input
+
+
+_NOT_GIVEN = object()
+
+
+def _refuse_proj_size(proj_size):
+    if proj_size is not _NOT_GIVEN:   # torch refuses the argument itself, even proj_size=0
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
 class LSTM(_RNNBase):
     """Multi-layer LSTM over a sequence, torch.nn.LSTM's contract (see functional.py for the equations).
 
@@ -471,6 +618,12 @@ class LSTM(_RNNBase):
     grad_x, (grad_h_0, grad_c_0) = lstm.backward(grad_output, (grad_h_n, grad_c_n))
         each gradient optional; parameter gradients are added into lstm.grads.
     output, (h_n, c_n), ctx = lstm(x, hx, return_ctx=True);  lstm.backward(..., ctx=ctx)
+
+    A PackedSequence x (lstmkit.utils.rnn) gives a PackedSequence output with x's batch_sizes
+    and indices, and backward takes grad_output packed the same way (or its data) and returns
+    grad_x packed like x. h_0, c_0, h_n, c_n and their gradients are in the user's batch order:
+    as torch does, h_0 is permuted by sorted_indices on the way in and h_n by unsorted_indices
+    on the way out. h_n is each sequence's state at its own last step.
     """
 
     _name = "LSTM"
@@ -481,9 +634,9 @@ class LSTM(_RNNBase):
                          bidirectional, proj_size, dtype, seed)
 
     def forward(self, input, hx=None, *, return_ctx=False):
-        x, batched = self._prepare_input(input)
+        x, batched, packing = self._prepare_input(input)
         N = x.shape[1]
-        given = [("the input", input)]
+        given = [("the input", _data_of(input))]
         if hx is None:
             h0 = np.zeros((self.num_layers * self._D, N, self._P), dtype=self.dtype)
             c0 = np.zeros((self.num_layers * self._D, N, self.hidden_size), dtype=self.dtype)
@@ -491,10 +644,10 @@ class LSTM(_RNNBase):
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
             self._check_state_ranks(hx, batched)
-            h0 = self._prepare_state(hx[0], "hidden[0]", self._P, batched, N)
-            c0 = self._prepare_state(hx[1], "hidden[1]", self.hidden_size, batched, N)
+            h0 = self._prepare_state(hx[0], "hidden[0]", self._P, batched, N, packing)
+            c0 = self._prepare_state(hx[1], "hidden[1]", self.hidden_size, batched, N, packing)
             given += [("h_0", hx[0]), ("c_0", hx[1])]
-        return self._forward(x, h0, c0, batched, given, return_ctx)
+        return self._forward(x, h0, c0, batched, given, return_ctx, packing)
 
     def backward(self, grad_output=None, grad_state=None, *, ctx=None, retain=False):
         """grad_x, (grad_h_0, grad_c_0) of a forward: the latest one's, or ctx's. grad_state is
@@ -513,12 +666,15 @@ class RNN(_RNNBase):
 
     output, h_n = rnn(x, h_0);   grad_x, grad_h_0 = rnn.backward(grad_output=None, grad_state=None)
     output, h_n, ctx = rnn(x, h_0, return_ctx=True);  rnn.backward(..., ctx=ctx)
+    x may be a PackedSequence, as for LSTM. proj_size is refused with ValueError, as torch does.
     """
 
     _name = "RNN"
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None):
+                 batch_first=False, dropout=0.0, bidirectional=False, *, dtype=np.float32, seed=None,
+                 proj_size=_NOT_GIVEN):
+        _refuse_proj_size(proj_size)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         self.nonlinearity = nonlinearity
@@ -526,17 +682,7 @@ class RNN(_RNNBase):
                          num_layers, bias, batch_first, dropout, bidirectional, 0, dtype, seed)
 
     def forward(self, input, hx=None, *, return_ctx=False):
-        x, batched = self._prepare_input(input)
-        N = x.shape[1]
-        if hx is None:
-            h0 = np.zeros((self.num_layers * self._D, N, self.hidden_size), dtype=self.dtype)
-        else:
-            if np.ndim(hx) != (3 if batched else 2):
-                kind, want = ("batched 3-D", 3) if batched else ("unbatched 2-D", 2)
-                raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got "
-                                   f"{np.ndim(hx)}-D tensor")
-            h0 = self._prepare_state(hx, "hidden", self.hidden_size, batched, N)
-        return self._forward(x, h0, None, batched, [("the input", input), ("h_0", hx)], return_ctx)
+        return self._forward_h(input, hx, return_ctx)
 
     def backward(self, grad_output=None, grad_state=None, *, ctx=None, retain=False):
         """grad_x, grad_h_0 of a forward: the latest one's, or ctx's. grad_state is grad_h_n or None."""
@@ -544,5 +690,41 @@ class RNN(_RNNBase):
         return dx, dh0
 
 
+class GRU(_RNNBase):
+    """Multi-layer GRU, torch.nn.GRU's contract (gru.py has the equations and both layer paths):
+
+        r = σ(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)      z = σ(W_iz x_t + b_iz + W_hz h_{t-1} + b_hz)
+        n = tanh(W_in x_t + b_in + r ⊙ (W_hn h_{t-1} + b_hn))      h_t = (1 - z) ⊙ n + z ⊙ h_{t-1}
+
+    Parameters weight_ih_l{k} (3H, I or D*H), weight_hh_l{k} (3H, H), bias_ih_l{k}, bias_hh_l{k}
+    (3H,), rows in torch's order r, z, n; both biases are kept apart by the layer (b_hn is scaled
+    by r), so their gradients differ, as in torch.
+
+    output, h_n = gru(x, h_0)       x (L, N, I), (N, L, I) if batch_first, (L, I), or a PackedSequence
+        output (L, N, D*H) (or packed like x); h_n (num_layers*D, N, H), for packed input in the
+        user's batch order, each sequence's state at its own last step
+    grad_x, grad_h_0 = gru.backward(grad_output=None, grad_state=None)
+    output, h_n, ctx = gru(x, h_0, return_ctx=True);  gru.backward(..., ctx=ctx)
+    proj_size is refused with ValueError, as torch does (even proj_size=0).
+    """
+
+    _name = "GRU"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, *, dtype=np.float32, seed=None, proj_size=_NOT_GIVEN):
+        _refuse_proj_size(proj_size)
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         bidirectional, 0, dtype, seed)
+
+    def forward(self, input, hx=None, *, return_ctx=False):
+        return self._forward_h(input, hx, return_ctx)
+
+    def backward(self, grad_output=None, grad_state=None, *, ctx=None, retain=False):
+        """grad_x, grad_h_0 of a forward: the latest one's, or ctx's. grad_state is grad_h_n or None;
+        parameter gradients are added into gru.grads."""
+        dx, dh0, _ = self._backward(grad_output, grad_state, None, ctx, retain)
+        return dx, dh0
+
+
 # The cells build on _Module above; imported last so that `from lstmkit.modules import LSTMCell` works.
-from .cells import LSTMCell, RNNCell  # noqa: E402,F401
+from .cells import GRUCell, LSTMCell, RNNCell  # noqa: E402,F401

@@ -51,18 +51,27 @@ def layer_input(sequence):
     The batch stays sorted longest first: that is the order the layer needs. Initial states
     given by the user are in the original order: take them with sort_batch."""
     bs = np.asarray(sequence.batch_sizes, dtype=np.int64)
-    lengths = _lengths_of(bs)
-    x = np.zeros((bs.shape[0], lengths.shape[0]) + sequence.data.shape[1:], sequence.data.dtype)
-    x[_grid(lengths, bs.shape[0])] = sequence.data
-    return x, bs
+    return to_grid(sequence.data, bs), bs
 
 
 def packed_output(out, like):
     """A layer's output (T, B, *) on the sorted grid -> PackedSequence with `like`'s batch_sizes
     and indices (what torch's RNN modules return for a packed input)."""
-    bs = np.asarray(like.batch_sizes, dtype=np.int64)
-    data = out[_grid(_lengths_of(bs), bs.shape[0])]
+    data = from_grid(out, np.asarray(like.batch_sizes, dtype=np.int64))
     return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+def to_grid(data, batch_sizes):
+    """Packed rows (N, *) -> (T, B, *) on the sorted grid, zeros at padding (a new array)."""
+    lengths = _lengths_of(batch_sizes)
+    x = np.zeros((batch_sizes.shape[0], lengths.shape[0]) + data.shape[1:], data.dtype)
+    x[_grid(lengths, batch_sizes.shape[0])] = data
+    return x
+
+
+def from_grid(x, batch_sizes):
+    """(T, B, *) on the sorted grid -> its real rows (N, *) in packed order (a new array)."""
+    return x[_grid(_lengths_of(batch_sizes), batch_sizes.shape[0])]
 
 
 def _grid(lengths, T):
