@@ -70,7 +70,7 @@ def known_ids(tokenizer, text, unknown="skip") -> tuple[np.ndarray, list[str], i
     symbols = sorted(set(missing))
     if missing and unknown == "error":
         raise ScoreError(f"the text has {unknown_text(symbols)} (--unknown skip scores the rest)")
-    if tokenizer.kind == "word":
+    if tokenizer.unk_id is not None:          # word (always), or built with an unknown symbol
         return tokenizer.encode(text), symbols, len(missing)
     index = tokenizer.index
     ids = np.fromiter((index[t] for t in tokens if t in index), dtype=np.int64)

@@ -6,7 +6,13 @@
       (T omitted when s % 28 == 0), and recomposed by the inverse S = 0xAC00 + (L'*21 + V')*28 + T'
       before text is shown.  무정's ~1,700 symbols become ~700 (the Hanja and punctuation stay whole).
 - `word`: whitespace-separated words plus "\n" as a token of its own; decoding joins words with one
-      space.  Words not in the vocabulary map to "<unk>" (the only tokenizer that does so).
+      space.  Words not in the vocabulary map to "<unk>".
+
+An unknown symbol: the word tokenizer always has "<unk>"; char and jamo get one, U+FFFD (the
+Unicode replacement character), when built with unknown=True (the classifier's vocabularies, whose
+inputs at prediction time hold symbols no training text had). With min_count > 1, symbols seen
+fewer times in the training text are left out of the vocabulary, so their uses teach the unknown
+symbol's embedding.
 
 Shape letters: V vocabulary size.
 """
@@ -14,6 +20,7 @@ Shape letters: V vocabulary size.
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 import numpy as np
 
@@ -24,6 +31,7 @@ L_COUNT, V_COUNT, T_COUNT = 19, 21, 28
 N_COUNT = V_COUNT * T_COUNT          # 588 syllables per leading consonant
 S_COUNT = L_COUNT * N_COUNT          # 11,172 syllables
 UNK = "<unk>"
+UNK_CHAR = "\ufffd"                 # the unknown symbol of char and jamo vocabularies built with unknown=True
 MAX_VOCAB = 1 << 22                  # tokens a stored vocabulary may hold (checkpoint.MODEL_LIMITS agrees)
 
 
@@ -85,8 +93,9 @@ class Tokenizer:
     """Base class: `vocab` is a sorted list of token strings; id = position in it."""
 
     kind = ""
+    unk_token = UNK_CHAR          # what an unknown symbol becomes, when the vocabulary holds it
 
-    def __init__(self, vocab):
+    def __init__(self, vocab, unknown=False):
         vocab = list(vocab)
         if vocab != sorted(set(vocab)):
             raise ValueError("vocabulary must be sorted and without duplicates")
@@ -94,6 +103,9 @@ class Tokenizer:
             raise ValueError("vocabulary is empty")
         self.vocab = vocab
         self.index = {tok: i for i, tok in enumerate(vocab)}
+        if unknown and self.unk_token not in self.index:
+            raise ValueError(f"a vocabulary with an unknown symbol must hold {self.unk_token!r}")
+        self.unk_id = self.index[self.unk_token] if unknown else None
 
     @property
     def vocab_size(self) -> int:
@@ -120,15 +132,22 @@ class Tokenizer:
         return list(seen)
 
     def check_known(self, text: str, what: str = "the text") -> None:
-        """Raise VocabularyError naming (the first 20 of) the symbols of text not in the vocabulary."""
+        """Raise VocabularyError naming (the first 20 of) the symbols of text not in the vocabulary
+        (none, when the vocabulary has an unknown symbol: they become it)."""
+        if self.unk_id is not None:
+            return
         missing = self.unknown(text)
         if missing:
             shown = " ".join(repr(m) for m in missing[:20]) + (" ..." if len(missing) > 20 else "")
             raise VocabularyError(f"{what} has {len(missing)} symbol(s) not in the model's vocabulary: {shown}")
 
     def encode(self, text: str) -> np.ndarray:
-        """text -> int64 ids; KeyError-free: raises VocabularyError listing the symbols not in the vocabulary."""
+        """text -> int64 ids. Symbols not in the vocabulary become the unknown symbol when there is
+        one; otherwise VocabularyError lists them."""
         toks = self.tokenize(text)
+        if self.unk_id is not None:
+            unk, index = self.unk_id, self.index
+            return np.fromiter((index.get(t, unk) for t in toks), dtype=np.int64, count=len(toks))
         try:
             return np.fromiter((self.index[t] for t in toks), dtype=np.int64, count=len(toks))
         except KeyError:
@@ -143,14 +162,17 @@ class Tokenizer:
         return StreamDecoder(self)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "vocab": self.vocab}
+        d = {"kind": self.kind, "vocab": self.vocab}
+        if self.unk_id is not None and self.kind != "word":
+            d["unknown"] = self.unk_token
+        return d
 
 
 class CharTokenizer(Tokenizer):
     kind = "char"
 
-    def __init__(self, vocab=("\n",)):
-        super().__init__(vocab)
+    def __init__(self, vocab=("\n",), unknown=False):
+        super().__init__(vocab, unknown)
 
     def tokenize(self, text):
         return list(text)
@@ -166,8 +188,8 @@ class CharTokenizer(Tokenizer):
 class JamoTokenizer(Tokenizer):
     kind = "jamo"
 
-    def __init__(self, vocab=("\n",)):
-        super().__init__(vocab)
+    def __init__(self, vocab=("\n",), unknown=False):
+        super().__init__(vocab, unknown)
 
     def tokenize(self, text):
         return list(decompose_hangul(text))
@@ -185,10 +207,10 @@ _WORD_RE = re.compile(r"\n|[^\s]+")
 
 class WordTokenizer(Tokenizer):
     kind = "word"
+    unk_token = UNK
 
-    def __init__(self, vocab=("\n", UNK)):
-        super().__init__(vocab)
-        self.unk_id = self.index.get(UNK)
+    def __init__(self, vocab=("\n", UNK), unknown=True):
+        super().__init__(vocab, unknown=True)       # a word vocabulary always has <unk>
 
     def tokenize(self, text):
         return _WORD_RE.findall(text)
@@ -205,24 +227,22 @@ class WordTokenizer(Tokenizer):
     def _tokens_for_vocab(cls, text):
         return set(_WORD_RE.findall(text)) | {UNK}
 
-    def check_known(self, text, what="the text"):
-        """Every word is acceptable: words outside the vocabulary become <unk>."""
-
-    def encode(self, text):
-        toks = self.tokenize(text)
-        unk = self.unk_id
-        return np.fromiter((self.index.get(t, unk) for t in toks), dtype=np.int64, count=len(toks))
 
 
 TOKENIZER_CLASSES = {cls.kind: cls for cls in (CharTokenizer, JamoTokenizer, WordTokenizer)}
 
 
-def build_tokenizer(kind: str, text: str) -> Tokenizer:
-    """The tokenizer `kind` with the sorted vocabulary of `text`."""
+def build_tokenizer(kind: str, text: str, min_count: int = 1, unknown: bool = False) -> Tokenizer:
+    """The tokenizer `kind` with the sorted vocabulary of `text`: the tokens seen at least min_count
+    times, and with unknown=True (always for word) the unknown symbol."""
     if kind not in TOKENIZER_CLASSES:
         raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZER_CLASSES)}, got {kind!r}")
     cls = TOKENIZER_CLASSES[kind]
-    return cls(sorted(cls._tokens_for_vocab(text)))
+    if min_count <= 1 and not unknown:
+        return cls(sorted(cls._tokens_for_vocab(text)))
+    counts = Counter(cls("\n", unknown=False).tokenize(text) if kind != "word" else _WORD_RE.findall(text))
+    vocab = {t for t, n in counts.items() if n >= min_count} | {cls.unk_token}
+    return cls(sorted(vocab), unknown=True)
 
 
 def _check_token(kind: str, i: int, tok) -> None:
@@ -263,7 +283,11 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         _check_token(kind, i, tok)
     if kind == "word" and UNK not in vocab:
         raise ValueError(f"a word vocabulary must hold {UNK!r} (unknown words become it)")
-    return TOKENIZER_CLASSES[kind](vocab)
+    unknown = d.get("unknown")
+    if unknown is not None and (kind == "word" or unknown != UNK_CHAR or UNK_CHAR not in vocab):
+        raise ValueError(f"unknown must be {UNK_CHAR!r} and in the vocabulary of a char or jamo tokenizer, "
+                         f"got {unknown!r}")
+    return TOKENIZER_CLASSES[kind](vocab, unknown=unknown is not None)
 
 
 class StreamDecoder:

@@ -108,3 +108,24 @@ def test_a_vocabulary_too_large_is_refused(monkeypatch):
     monkeypatch.setattr(tokenizers, "MAX_VOCAB", 3)
     with pytest.raises(ValueError, match="vocab has 4 tokens; expected 1 to 3"):
         tokenizer_from_dict({"kind": "char", "vocab": list("abcd")})
+
+
+def test_unknown_symbol_and_min_count():
+    from lstmkit.tokenizers import UNK_CHAR, build_tokenizer, tokenizer_from_dict
+    tok = build_tokenizer("char", "aaab bc\n", min_count=2, unknown=True)
+    assert tok.vocab == sorted(["a", "b", UNK_CHAR])                  # ' ', 'c', '\n' seen once: left out
+    assert tok.encode("abcz").tolist() == [tok.index["a"], tok.index["b"], tok.unk_id, tok.unk_id]
+    tok.check_known("anything at all")                                  # unknown symbols are fine
+    again = tokenizer_from_dict(tok.to_dict())
+    assert again.vocab == tok.vocab and again.unk_id == tok.unk_id
+    jamo = build_tokenizer("jamo", "한국 한국 한", min_count=3, unknown=True)
+    assert jamo.encode("국")[0] == jamo.unk_id and jamo.decode(jamo.encode("한")) == "한"
+    word = build_tokenizer("word", "a a b", min_count=2)
+    assert word.vocab == ["<unk>", "a"] and word.encode("a b").tolist() == [1, 0]
+    plain = build_tokenizer("char", "ab")
+    assert plain.unk_id is None and "unknown" not in plain.to_dict()
+    for bad in ({"kind": "char", "vocab": ["a"], "unknown": UNK_CHAR},
+                {"kind": "char", "vocab": ["a", UNK_CHAR], "unknown": "a"},
+                {"kind": "word", "vocab": ["<unk>"], "unknown": UNK_CHAR}):
+        with pytest.raises(ValueError, match="unknown must be"):
+            tokenizer_from_dict(bad)
