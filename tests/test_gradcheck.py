@@ -11,7 +11,7 @@ Shape letters: L sequence length, N batch, I input size, H hidden size.
 import numpy as np
 import pytest
 
-from lstmkit import LSTM, RNN, LSTMCell, RNNCell
+from lstmkit import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from oracle import numerical_grad
 
 def _flat(outputs):
@@ -121,3 +121,38 @@ def test_cells_gradients_match_central_differences(backend):
     for nl in ("tanh", "relu"):
         check(RNNCell(3, 4, nonlinearity=nl, dtype=np.float64, seed=0), rng.standard_normal((2, 3)),
               (rng.standard_normal((2, 4)),))
+    for bias in (True, False):
+        check(GRUCell(3, 4, bias=bias, dtype=np.float64, seed=0), rng.standard_normal((2, 3)),
+              (rng.standard_normal((2, 4)),))
+    check(GRUCell(3, 4, dtype=np.float64, seed=0), rng.standard_normal(3), (rng.standard_normal(4),))
+
+
+GRU_CONFIGS = {
+    "1-layer": dict(num_layers=1),
+    "no-bias": dict(num_layers=1, bias=False),
+    "bidirectional": dict(num_layers=1, bidirectional=True),
+    "2-layers": dict(num_layers=2),
+    "2-layer-bi-batch-first-no-bias": dict(num_layers=2, bidirectional=True, batch_first=True, bias=False),
+}
+
+
+@pytest.mark.parametrize("kw", list(GRU_CONFIGS.values()), ids=list(GRU_CONFIGS))
+def test_gru_gradients_match_central_differences(kw, backend):
+    L, N, I, H = 3, 2, 3, 4
+    gru = GRU(I, H, dtype=np.float64, seed=0, **kw)
+    rng = np.random.default_rng(6)
+    D = 2 if kw.get("bidirectional") else 1
+    x = rng.standard_normal((N, L, I) if kw.get("batch_first") else (L, N, I))
+    check(gru, x, (rng.standard_normal((kw["num_layers"] * D, N, H)),))
+
+
+def test_gru_dropout_and_unbatched_gradients(backend):
+    gru = GRU(3, 4, num_layers=2, dropout=0.4, bidirectional=True, dtype=np.float64, seed=0)
+    rng = np.random.default_rng(7)
+    x, h0 = rng.standard_normal((3, 2, 3)), rng.standard_normal((4, 2, 4))
+    check(gru, x, (h0,), seed_dropout=123)
+    gru.dropout_rng = np.random.default_rng(123)
+    _, _, ctx = gru(x, h0, return_ctx=True)
+    assert any(m is not None and (m == 0).any() for m in ctx.saved["masks"])   # it really drops
+    check(GRU(3, 4, num_layers=2, dtype=np.float64, seed=1), rng.standard_normal((4, 3)),
+          (rng.standard_normal((2, 4)),))

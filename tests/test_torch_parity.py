@@ -2,7 +2,8 @@
 
 The LSTM grid covers every combination of num_layers {1, 2, 3}, bidirectional, proj_size {0, 2},
 batch_first, bias, batched/unbatched input and h_0/c_0 given or not, in float64 (to 1e-10) and
-float32, with both backends.
+float32, with both backends; the RNN's and the GRU's grids the same without proj_size (num_layers
+{1, 3}). Packed input is held against torch in test_packed_modules.py.
 
 Shape letters: L sequence length, N batch, I input size, H hidden size, P proj or hidden size,
 D directions.
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from lstmkit import LSTM, RNN, LSTMCell, RNNCell
+from lstmkit import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from oracle import assert_close, leaf, torch_twin, weighted_sum
 
 L, N, I, H, PROJ = 4, 3, 5, 6, 2
@@ -101,6 +102,66 @@ def test_rnn_matches_torch(params, dtype, backend):
         assert_close(ours.grads[name], p.grad, dtype, f"grad {name}")
 
 
+GRU_GRID = list(itertools.product([1, 3], [False, True], [False, True], [True, False], [True, False],
+                                  [True, False]))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("params", GRU_GRID, ids=[
+    f"L{k}-{'bi' if bi else 'uni'}-{'bf' if bf else 'tf'}-{'b' if b else 'nob'}-"
+    f"{'batched' if bt else 'unbatched'}-{'hx' if g else 'nohx'}" for k, bi, bf, b, bt, g in GRU_GRID])
+def test_gru_matches_torch(params, dtype, backend):
+    layers, bidir, batch_first, bias, batched, hx_given = params
+    kw = dict(input_size=I, hidden_size=H, num_layers=layers, bias=bias, batch_first=batch_first,
+              bidirectional=bidir)
+    ours = GRU(**kw, dtype=dtype, seed=3)
+    twin = torch_twin(ours, torch.nn.GRU, **kw)
+    rng = np.random.default_rng(4)
+    D = 2 if bidir else 1
+    x = _input(rng, dtype, batched, batch_first)
+    h0 = rng.standard_normal(((layers * D, N) if batched else (layers * D,)) + (H,)).astype(dtype)
+
+    out, h_n = ours(x, h0) if hx_given else ours(x)
+    tx, th0 = leaf(x), leaf(h0)
+    t_out, t_hn = twin(tx, th0) if hx_given else twin(tx)
+    assert_close(out, t_out, dtype, "output")
+    assert_close(h_n, t_hn, dtype, "h_n")
+
+    g_out, g_h = (rng.standard_normal(a.shape).astype(dtype) for a in (out, h_n))
+    weighted_sum((t_out, t_hn), (g_out, g_h)).backward()
+    dx, dh0 = ours.backward(g_out, g_h)
+    assert_close(dx, tx.grad, dtype, "grad input")
+    if hx_given:
+        assert_close(dh0, th0.grad, dtype, "grad h_0")
+    for name, p in twin.named_parameters():
+        assert_close(ours.grads[name], p.grad, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("hx_given", [True, False])
+def test_gru_cell_matches_torch(dtype, bias, batched, hx_given, backend):
+    ours = GRUCell(I, H, bias=bias, dtype=dtype, seed=9)
+    twin = torch_twin(ours, torch.nn.GRUCell, input_size=I, hidden_size=H, bias=bias)
+    rng = np.random.default_rng(10)
+    lead = (N,) if batched else ()
+    x = rng.standard_normal(lead + (I,)).astype(dtype)
+    h = rng.standard_normal(lead + (H,)).astype(dtype)
+    h1 = ours(x, h) if hx_given else ours(x)
+    tx, th = leaf(x), leaf(h)
+    t_h1 = twin(tx, th) if hx_given else twin(tx)
+    assert_close(h1, t_h1, dtype, "h'")
+    g_h = rng.standard_normal(h1.shape).astype(dtype)
+    weighted_sum((t_h1,), (g_h,)).backward()
+    dx, dh = ours.backward(g_h)
+    assert_close(dx, tx.grad, dtype, "grad input")
+    if hx_given:
+        assert_close(dh, th.grad, dtype, "grad h")
+    for name, p in twin.named_parameters():
+        assert_close(ours.grads[name], p.grad, dtype, f"grad {name}")
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("batched", [True, False])
@@ -159,6 +220,9 @@ def test_rnn_cell_matches_torch(dtype, nonlinearity, bias, batched, hx_given, ba
     (LSTM, torch.nn.LSTM, dict(input_size=3, hidden_size=5, num_layers=3, bidirectional=True, proj_size=2)),
     (LSTM, torch.nn.LSTM, dict(input_size=3, hidden_size=5, num_layers=2, bias=False)),
     (RNN, torch.nn.RNN, dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True)),
+    (GRU, torch.nn.GRU, dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True)),
+    (GRU, torch.nn.GRU, dict(input_size=3, hidden_size=5, bias=False)),
+    (GRUCell, torch.nn.GRUCell, dict(input_size=3, hidden_size=5)),
     (LSTMCell, torch.nn.LSTMCell, dict(input_size=3, hidden_size=5)),
     (RNNCell, torch.nn.RNNCell, dict(input_size=3, hidden_size=5, bias=False)),
 ])
