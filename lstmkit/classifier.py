@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .config import CELLS, POOLS
 from .model import (embedding_backward, embedding_forward, linear_backward, linear_forward,
                     softmax_cross_entropy_backward, softmax_cross_entropy_forward)
 from .utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-CELLS = ("lstm", "gru", "rnn")
-POOLS = ("last", "max", "mean")
 
 
 def _rnn_class(cell):

@@ -34,37 +34,15 @@ from .model import LanguageModel
 from .sample import Sampler
 from .tokenizers import build_tokenizer
 from .train_state import check_carry, check_training_state
-from .trainer import TrainerBase, TrainingStopped
+from .trainer import TrainerBase, TrainingStopped, resumed_config
 
 # hyperparameters a resumed run may change; every other one must stay as the checkpoint has it
-RESUMABLE = {"steps", "epochs", "minutes", "eval_every", "sample_every", "sample_length", "sample_temperature"}
-BUDGET = ("steps", "epochs", "minutes")
+RESUMABLE = {"eval_every", "sample_every", "sample_length", "sample_temperature"}
 # what --init-from takes from the checkpoint it starts from: the model's shape and its vocabulary
 MODEL_SHAPE = ("tokenizer", "hidden_size", "num_layers", "embed_size")
 
 
-__all__ = ["Trainer", "TrainingStopped", "resumed_config", "init_config"]
-
-
-def resumed_config(ck, resume, overrides) -> TrainConfig:
-    """The resumed run's TrainConfig with the allowed overrides applied; budget flags are handled by
-    Trainer._set_budget (on a resume they mean 'this much more')."""
-    try:
-        TrainConfig.check_types(ck["config"]["train"])
-        saved = TrainConfig.from_dict(ck["config"]["train"])
-        if not isinstance(ck["config"]["data"]["sha256"], str):
-            raise TypeError("data.sha256 is not a string")
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training configuration "
-                              f"in config.json ({type(e).__name__}: {e})") from None
-    for k, v in overrides.items():
-        if k == "data" or k in BUDGET:
-            continue
-        if k not in RESUMABLE and getattr(saved, k) != v:
-            raise LMError(f"--{k.replace('_', '-')} {v} differs from the resumed run's "
-                          f"{getattr(saved, k)}; a resumed run keeps its hyperparameters")
-        setattr(saved, k, v)
-    return saved
+__all__ = ["Trainer", "TrainingStopped", "init_config"]
 
 
 def init_config(cfg, ck, init_from, overrides) -> TrainConfig:
@@ -104,7 +82,7 @@ class Trainer(TrainerBase):
         ck = read_checkpoint(resume, training=True) if resume is not None else None
         start = read_checkpoint(init_from, which="best") if init_from is not None else None
         if ck is not None:
-            cfg = resumed_config(ck, resume, overrides)
+            cfg = resumed_config(TrainConfig, RESUMABLE, ck, resume, overrides)
         elif start is not None:
             cfg = init_config(cfg, start, init_from, overrides)
         validate(cfg)

@@ -33,9 +33,34 @@ import time
 
 import numpy as np
 
-from .checkpoint import POINTER, atomic_write, read_pointer, run_lock, run_state
+from .checkpoint import POINTER, CheckpointError, atomic_write, read_pointer, run_lock, run_state
 from .config import EXPLODE_FACTOR, MAIN_JOB_MINUTES, LMError
 from .optim import clip_grad_norm, clip_grad_value, make_optimizer, scheduled_lr
+
+
+BUDGET = ("steps", "epochs", "minutes")     # on a resume these mean "this much more" (_set_budget)
+
+
+def resumed_config(cls, resumable, ck, resume, overrides):
+    """The resumed run's config (a RunConfig subclass, cls) with the overrides in `resumable`
+    applied; any other flag that differs from the saved value is an error. Budget flags are left to
+    TrainerBase._set_budget."""
+    try:
+        cls.check_types(ck["config"]["train"])
+        saved = cls.from_dict(ck["config"]["train"])
+        if not isinstance(ck["config"]["data"]["sha256"], str):
+            raise TypeError("data.sha256 is not a string")
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {resume!r} is corrupt: bad training configuration "
+                              f"in config.json ({type(e).__name__}: {e})") from None
+    for k, v in overrides.items():
+        if k in ("data", "val_data") or k in BUDGET:
+            continue
+        if k not in resumable and getattr(saved, k) != v:
+            raise LMError(f"--{k.replace('_', '-')} {v} differs from the resumed run's "
+                          f"{getattr(saved, k)}; a resumed run keeps its hyperparameters")
+        setattr(saved, k, v)
+    return saved
 
 
 class TrainingStopped(LMError):
@@ -53,6 +78,7 @@ class TrainerBase:
     val_key = "val_score"       # its list in the history (state.json)
     higher_is_better = False    # bits/char: lower; accuracy: higher
     rate_unit = "items/s"       # the progress rate: items_per_step per second of training
+    default_minutes = MAIN_JOB_MINUTES   # the budget when none of --steps/--epochs/--minutes is given
 
     def __init__(self, out_dir, progress=True, out=None, err=None):
         self.out = out or sys.stdout
@@ -107,7 +133,7 @@ class TrainerBase:
         elif "minutes" in more:
             cfg.steps, cfg.epochs, cfg.minutes = 0, 0.0, self.elapsed / 60 + more["minutes"]
         if not (cfg.steps or cfg.epochs or cfg.minutes):
-            cfg.minutes = MAIN_JOB_MINUTES
+            cfg.minutes = self.default_minutes
         if cfg.epochs and not cfg.steps:
             cfg.steps = max(1, math.ceil(cfg.epochs * self._chunks_per_epoch()))
         vals = self.history[self.val_key]
