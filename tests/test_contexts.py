@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lstmkit
-from lstmkit import LSTM, RNN, LSTMCell, RNNCell
+from lstmkit import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from lstmkit.contexts import Parameter
 
 L, N, I, H = 5, 3, 4, 6
@@ -37,9 +37,10 @@ def assert_grads_match(ours, twin):
 
 # ---------------------------------------------------------------------- BPTT through Python loops
 
-@pytest.mark.parametrize("kind", ["lstm", "rnn"])
+@pytest.mark.parametrize("kind", ["lstm", "rnn", "gru"])
 def test_cell_stepped_over_a_sequence_then_bptt_in_reverse_equals_torch(kind, backend):
-    cls, tcls = (LSTMCell, torch.nn.LSTMCell) if kind == "lstm" else (RNNCell, torch.nn.RNNCell)
+    cls, tcls = {"lstm": (LSTMCell, torch.nn.LSTMCell), "rnn": (RNNCell, torch.nn.RNNCell),
+                 "gru": (GRUCell, torch.nn.GRUCell)}[kind]
     cell = cls(I, H, dtype=np.float64, seed=0)
     twin = torch_twin(cell, tcls, input_size=I, hidden_size=H)
     rng = np.random.default_rng(1)
@@ -85,9 +86,10 @@ def test_full_bptt_across_two_chunks_through_one_lstm_equals_torch(backend):
     assert_grads_match(lstm, twin)
 
 
-def test_one_module_serves_two_inputs_of_the_same_shape(backend):
-    rnn = RNN(I, H, dtype=np.float64, seed=0)
-    twin = torch_twin(rnn, torch.nn.RNN, input_size=I, hidden_size=H)
+@pytest.mark.parametrize("cls", [RNN, GRU])
+def test_one_module_serves_two_inputs_of_the_same_shape(cls, backend):
+    rnn = cls(I, H, dtype=np.float64, seed=0)
+    twin = torch_twin(rnn, getattr(torch.nn, cls.__name__), input_size=I, hidden_size=H)
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((L, N, I)), rng.standard_normal((L, N, I))
     out_a, _, ctx_a = rnn(a, return_ctx=True)
@@ -114,11 +116,11 @@ def test_a_loss_on_h_n_alone_needs_no_grad_output(backend):
 
 def test_backward_signatures_are_the_same_across_modules():
     seq = ["self", "grad_output", "grad_state", "ctx", "retain"]
-    for cls in (LSTM, RNN):
+    for cls in (LSTM, RNN, GRU):
         assert list(inspect.signature(cls.backward).parameters) == seq, cls
-    for cls in (LSTMCell, RNNCell):
+    for cls in (LSTMCell, RNNCell, GRUCell):
         assert list(inspect.signature(cls.backward).parameters) == ["self"] + seq[2:], cls
-    for cls in (LSTM, RNN, LSTMCell, RNNCell):
+    for cls in (LSTM, RNN, GRU, LSTMCell, RNNCell, GRUCell):
         params = inspect.signature(cls.backward).parameters
         assert all(p.default is not inspect.Parameter.empty for n, p in params.items() if n != "self")
 
@@ -245,6 +247,29 @@ def test_editing_the_returned_output_in_place_changes_no_gradient(backend):
         np.testing.assert_array_equal(g, expected[3][k], err_msg=k)
 
 
+@pytest.mark.parametrize("make", [lambda: GRU(I, H, dtype=np.float64, seed=0),
+                                  lambda: GRUCell(I, H, dtype=np.float64, seed=0)], ids=["GRU", "GRUCell"])
+def test_editing_a_gru_output_in_place_changes_no_gradient(make, backend):
+    # The fused GRU layer's output is its cache's h: what the caller gets must be a copy.
+    results = []
+    for edit in (False, True):
+        module = make()
+        x = np.random.default_rng(10).standard_normal((L, N, I) if isinstance(module, GRU) else (N, I))
+        result = module(x)
+        outs = result if isinstance(result, tuple) else (result,)
+        g = [np.ones(o.shape) for o in outs]
+        if edit:
+            for o in outs:
+                o[...] = 7.0
+        grads = module.backward(*g)
+        results.append((grads, {k: v.copy() for k, v in module.grads.items()}))
+    (g0, p0), (g1, p1) = results
+    for a, b in zip(g0, g1):
+        np.testing.assert_array_equal(a, b)
+    for k in p0:
+        np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)
+
+
 @pytest.mark.parametrize("batch", [N, 1])
 def test_an_optimizer_step_is_seen_by_the_next_forward_and_backward(batch, backend):
     # b = b_ih + b_hh (and at batch 1 W_hh's transposed copy) are computed once and kept;
@@ -271,6 +296,8 @@ def test_an_optimizer_step_is_seen_by_the_next_forward_and_backward(batch, backe
 def test_no_grad_keeps_nothing_and_backward_refuses(backend):
     for module, x in ((LSTM(I, H, num_layers=2, proj_size=2, dtype=np.float64, seed=0), np.ones((L, N, I))),
                       (RNN(I, H, dtype=np.float64, seed=0), np.ones((L, N, I))),
+                      (GRU(I, H, num_layers=2, bidirectional=True, dtype=np.float64, seed=0), np.ones((L, N, I))),
+                      (GRUCell(I, H, dtype=np.float64, seed=0), np.ones((N, I))),
                       (LSTMCell(I, H, dtype=np.float64, seed=0), np.ones((N, I))),
                       (RNNCell(I, H, dtype=np.float64, seed=0), np.ones((N, I)))):
         expected = module(x)

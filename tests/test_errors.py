@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lstmkit import LSTM, RNN, LSTMCell, RNNCell
+from lstmkit import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 
 def torch_raises(fn):
@@ -52,12 +52,28 @@ CONSTRUCTOR_CASES = [
      lambda: torch.nn.RNN(3, 5, nonlinearity="sigmoid"), ["sigmoid", "tanh", "relu"]),
     ("LSTMCell negative hidden", lambda: LSTMCell(3, -5), lambda: torch.nn.LSTMCell(3, -5), ["hidden_size"]),
     ("RNNCell negative input", lambda: RNNCell(-3, 5), lambda: torch.nn.RNNCell(-3, 5), ["input_size"]),
+    ("GRU zero hidden_size", lambda: GRU(3, 0), lambda: torch.nn.GRU(3, 0), ["hidden_size"]),
+    ("GRU negative input_size", lambda: GRU(-3, 5), lambda: torch.nn.GRU(-3, 5), ["input_size"]),
+    ("GRU float hidden_size", lambda: GRU(3, 5.0), lambda: torch.nn.GRU(3, 5.0), ["hidden_size", "float"]),
+    ("GRU zero num_layers", lambda: GRU(3, 5, num_layers=0), lambda: torch.nn.GRU(3, 5, num_layers=0),
+     ["num_layers"]),
+    ("GRU dropout > 1", lambda: GRU(3, 5, num_layers=2, dropout=1.5),
+     lambda: torch.nn.GRU(3, 5, num_layers=2, dropout=1.5), ["dropout", "1.5"]),
+    ("GRU proj_size", lambda: GRU(3, 5, proj_size=2), lambda: torch.nn.GRU(3, 5, proj_size=2),
+     ["proj_size", "LSTM"]),
+    ("GRU proj_size=0", lambda: GRU(3, 5, proj_size=0), lambda: torch.nn.GRU(3, 5, proj_size=0),
+     ["proj_size", "LSTM"]),
+    ("RNN proj_size", lambda: RNN(3, 5, proj_size=2), lambda: torch.nn.RNN(3, 5, proj_size=2),
+     ["proj_size", "LSTM"]),
+    ("GRUCell negative hidden", lambda: GRUCell(3, -5), lambda: torch.nn.GRUCell(3, -5), ["hidden_size"]),
 ]
 
 lstm, tlstm = LSTM(3, 5, num_layers=2), torch.nn.LSTM(3, 5, num_layers=2)
 rnn, trnn = RNN(3, 5), torch.nn.RNN(3, 5)
 cell, tcell = LSTMCell(3, 5), torch.nn.LSTMCell(3, 5)
 rcell, trcell = RNNCell(3, 5), torch.nn.RNNCell(3, 5)
+gru, tgru = GRU(3, 5, num_layers=2), torch.nn.GRU(3, 5, num_layers=2)
+gcell, tgcell = GRUCell(3, 5), torch.nn.GRUCell(3, 5)
 
 FORWARD_CASES = [
     ("1-D input", lambda: lstm(z(3)), lambda: tlstm(t(3)), ["2D or 3D", "1D"]),
@@ -95,6 +111,38 @@ FORWARD_CASES = [
     ("RNNCell wrong hidden", lambda: rcell(z(2, 3), z(2, 4)), lambda: trcell(t(2, 3), t(2, 4)),
      ["got 4", "expected 5"]),
     ("RNNCell 3-D input", lambda: rcell(z(1, 2, 3)), lambda: trcell(t(1, 2, 3)), ["1D or 2D", "3D"]),
+    ("GRU 1-D input", lambda: gru(z(3)), lambda: tgru(t(3)), ["2D or 3D", "1D"]),
+    ("GRU 4-D input", lambda: gru(z(1, 2, 3, 3)), lambda: tgru(t(1, 2, 3, 3)), ["2D or 3D", "4D"]),
+    ("GRU wrong input_size", lambda: gru(z(4, 2, 7)), lambda: tgru(t(4, 2, 7)), ["Expected 3", "got 7"]),
+    ("GRU wrong dtype", lambda: gru(z(4, 2, 3, dtype=np.float64)),
+     lambda: tgru(t(4, 2, 3, dtype=torch.float64)), ["float64", "float32"]),
+    ("GRU empty sequence", lambda: gru(z(0, 2, 3)), lambda: tgru(t(0, 2, 3)), ["sequence length"]),
+    ("GRU h_0 wrong batch", lambda: gru(z(4, 2, 3), z(2, 3, 5)), lambda: tgru(t(4, 2, 3), t(2, 3, 5)),
+     ["(2, 2, 5)", "[2, 3, 5]"]),
+    ("GRU h_0 wrong layers", lambda: gru(z(4, 2, 3), z(1, 2, 5)), lambda: tgru(t(4, 2, 3), t(1, 2, 5)),
+     ["(2, 2, 5)", "[1, 2, 5]"]),
+    ("GRU h_0 2-D for batched", lambda: gru(z(4, 2, 3), z(2, 5)), lambda: tgru(t(4, 2, 3), t(2, 5)),
+     ["3-D", "2-D"]),
+    ("GRU h_0 3-D for unbatched", lambda: gru(z(4, 3), z(2, 1, 5)), lambda: tgru(t(4, 3), t(2, 1, 5)),
+     ["2-D", "3-D"]),
+    ("GRU h_0 wrong dtype", lambda: gru(z(4, 2, 3), z(2, 2, 5, dtype=np.float64)),
+     lambda: tgru(t(4, 2, 3), t(2, 2, 5, dtype=torch.float64)), ["float64", "float32"]),
+    ("GRUCell 3-D input", lambda: gcell(z(1, 2, 3)), lambda: tgcell(t(1, 2, 3)), ["1D or 2D", "3D"]),
+    ("GRUCell 3-D hx", lambda: gcell(z(2, 3), z(1, 2, 5)), lambda: tgcell(t(2, 3), t(1, 2, 5)),
+     ["1D or 2D", "3D"]),
+    ("GRUCell wrong input_size", lambda: gcell(z(2, 7)), lambda: tgcell(t(2, 7)), ["got 7", "expected 3"]),
+    ("GRUCell wrong hidden", lambda: gcell(z(2, 3), z(2, 4)), lambda: tgcell(t(2, 3), t(2, 4)),
+     ["got 4", "expected 5"]),
+    ("GRUCell batch mismatch", lambda: gcell(z(2, 3), z(3, 5)), lambda: tgcell(t(2, 3), t(3, 5)),
+     ["2", "3"]),
+    ("GRUCell 2-D hx for unbatched", lambda: gcell(z(3), z(1, 5)), lambda: tgcell(t(3), t(1, 5)),
+     ["(5,)", "(1, 5)"]),
+    ("GRUCell wrong dtype", lambda: gcell(z(2, 3, dtype=np.float64)),
+     lambda: tgcell(t(2, 3, dtype=torch.float64)), ["float64", "float32"]),
+    ("GRUCell hx wrong dtype", lambda: gcell(z(2, 3), z(2, 5, dtype=np.float64)),
+     lambda: tgcell(t(2, 3), t(2, 5, dtype=torch.float64)), ["float64", "float32"]),
+    ("LSTMCell wrong dtype", lambda: cell(z(2, 3, dtype=np.float64)),
+     lambda: tcell(t(2, 3, dtype=torch.float64)), ["float64", "float32"]),
 ]
 
 
@@ -115,7 +163,7 @@ def test_dropout_on_one_layer_warns_like_torch():
 
 
 def test_backward_before_forward_is_a_clear_error():
-    for module in (LSTM(3, 5), RNN(3, 5), LSTMCell(3, 5), RNNCell(3, 5)):
+    for module in (LSTM(3, 5), RNN(3, 5), GRU(3, 5), LSTMCell(3, 5), RNNCell(3, 5), GRUCell(3, 5)):
         with pytest.raises(RuntimeError, match="before any forward"):
             module.backward(z(4, 2, 5))
 
@@ -131,6 +179,14 @@ def test_backward_with_a_grad_of_the_wrong_shape():
     c(z(2, 3))
     with pytest.raises(RuntimeError, match=r"grad_h.*\(2, 5\).*\(2, 4\)"):
         c.backward((z(2, 4), None))
+    g = GRU(3, 5, bidirectional=True)
+    g(z(4, 2, 3))
+    with pytest.raises(RuntimeError, match=r"grad_h_n.*\(2, 2, 5\).*\(1, 2, 5\)"):
+        g.backward(z(4, 2, 10), z(1, 2, 5))
+    gc = GRUCell(3, 5)
+    gc(z(3))
+    with pytest.raises(RuntimeError, match=r"grad_h.*\(5,\).*\(1, 5\)"):
+        gc.backward(z(1, 5))
 
 
 def test_load_state_dict_rejects_wrong_keys_and_shapes_without_changing_anything():
