@@ -328,8 +328,11 @@ class _RNNBase(_Module):
             if idx is not None and np.shape(idx) != (bs[0],):
                 raise RuntimeError(f"{self._name}: {name} must have one entry per sequence, shape "
                                    f"({int(bs[0])},), got {np.shape(idx)}")
+        # uniform: every sequence runs all T steps (a bucketed batch); the grid is then the plain
+        # (T, B) input and the layers run as for it, with no row bookkeeping at all
         packing = {"batch_sizes": seq.batch_sizes, "bs": bs, "lengths": packed.lengths_of(bs),
-                   "sorted": seq.sorted_indices, "unsorted": seq.unsorted_indices}
+                   "sorted": seq.sorted_indices, "unsorted": seq.unsorted_indices,
+                   "uniform": bool(bs[-1] == bs[0])}
         return packed.to_grid(data, bs), True, packing
 
     def _prepare_state(self, state, name, size, batched, N, packing=None):
@@ -425,7 +428,7 @@ class _RNNBase(_Module):
     def _flip(packing):
         """The reverse direction's view of time: x[::-1], or for a packed batch each sequence
         reversed within its own length (it starts at its own last step, never in padding)."""
-        if packing is None:
+        if packing is None or packing["uniform"]:
             return lambda a: a[::-1]
         return lambda a: packed.reverse_within_lengths(a, packing["lengths"])
 
@@ -433,7 +436,7 @@ class _RNNBase(_Module):
         """Forward through every layer and direction. x (L, N, I) -> (L, N, D*P), h_n, c_n, and what
         backward needs ({"caches", "masks"}), or None when save is False (no_grad)."""
         D, L_ = self._D, self.num_layers
-        bs = None if packing is None else packing["bs"]
+        bs = None if packing is None or packing["uniform"] else packing["bs"]
         flip = self._flip(packing)
         h_n = np.empty_like(h0)
         c_n = np.empty_like(c0) if c0 is not None else None
@@ -480,7 +483,8 @@ class _RNNBase(_Module):
                 dout = np.ascontiguousarray(dout if d == 0 else flip(dout))
                 dx, dh0[idx], dc = self._layer_backward(backend, layer, d, dout, dh_n[idx],
                                                         None if dc_n is None else dc_n[idx],
-                                                        saved["caches"][layer][d], packing is not None)
+                                                        saved["caches"][layer][d],
+                                                        packing is not None and not packing["uniform"])
                 if dc is not None:
                     dc0[idx] = dc
                 dx = dx if d == 0 else flip(dx)

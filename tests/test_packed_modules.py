@@ -27,7 +27,8 @@ KINDS = {  # name: (our class, torch class, constructor arguments beyond the com
     "rnn-tanh": (RNN, torch.nn.RNN, dict(nonlinearity="tanh")),
     "rnn-relu": (RNN, torch.nn.RNN, dict(nonlinearity="relu")),
 }
-LENGTHS = {"unsorted": [3, 5, 1, 5], "sorted": [5, 5, 3, 1]}   # ties and a length 1 in both
+# ties and a length 1 in both; "uniform" (a bucketed batch) takes the layers' plain path
+LENGTHS = {"unsorted": [3, 5, 1, 5], "sorted": [5, 5, 3, 1], "uniform": [4, 4, 4, 4]}
 
 
 def _states(cls, kw, layers, bidir, B, rng, dtype):
@@ -245,6 +246,26 @@ def test_packed_no_grad_gives_the_same_numbers_and_keeps_nothing(backend):
             np.testing.assert_array_equal(a, b)
         with pytest.raises(RuntimeError, match="no_grad"):
             module.backward(out)
+
+
+@pytest.mark.parametrize("lengths", [[4, 4, 4], [4, 2, 3]], ids=["uniform", "uneven"])
+@pytest.mark.parametrize("cls", [LSTM, GRU, RNN])
+def test_editing_a_packed_output_in_place_changes_no_gradient(cls, lengths, backend):
+    seq = pack_padded_sequence(np.random.default_rng(8).standard_normal((4, 3, I)), lengths, enforce_sorted=False)
+    results = []
+    for edit in (False, True):
+        module = cls(I, H, dtype=np.float64, seed=0)
+        out, state = module(seq)
+        g = np.random.default_rng(9).standard_normal(out.data.shape)
+        if edit:
+            out.data[...] = 5.0
+            for s in _flat_state(state):
+                s[...] = 5.0
+        dx, _ = module.backward(g)
+        results.append((dx.data, {k: v.copy() for k, v in module.grads.items()}))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    for k in results[0][1]:
+        np.testing.assert_array_equal(results[0][1][k], results[1][1][k], err_msg=k)
 
 
 def test_packed_grad_output_must_be_packed_like_the_output():
