@@ -1,4 +1,4 @@
-"""The command line: `lstmkit train | sample | eval | gradient-flow | visualize`.
+"""The command line: `lstmkit train | sample | eval | classify | gradient-flow | visualize`.
 
     lstmkit train                                  the main job: a char LSTM on the built-in 무정
     lstmkit train --data FILE --out DIR ...        any UTF-8 text (see `lstmkit train -h`)
@@ -71,6 +71,39 @@ def _positive_float(s):
     return v
 
 
+def add_run_flags(p, d, default_minutes, what="text"):
+    """The flags every trainer has (config.RunConfig): optimizer, schedule, clipping, budget, validation
+    cadence and seed; d holds the defaults shown in --help."""
+    a = p.add_argument
+    a("--optimizer", choices=C.OPTIMIZERS, help=f"default {d.optimizer}")
+    a("--lr", type=_positive_float, help="learning rate (default " + (f"{d.lr:g}" if d.lr else "per optimizer: "
+      + ", ".join(f"{k} {v:g}" for k, v in C.DEFAULT_LR.items())) + ")")
+    a("--momentum", type=float, help=f"SGD momentum, default {d.momentum}")
+    a("--beta1", type=float, help=f"Adam's beta1, default {d.beta1}")
+    a("--beta2", type=float, help=f"Adam's beta2, default {d.beta2}")
+    a("--weight-decay", type=float, help="weight decay on weight matrices and the embedding (not biases); "
+                                         f"with adam it is AdamW's decoupled decay, default {d.weight_decay:g}")
+    a("--lr-schedule", choices=C.LR_SCHEDULES, help="constant; step (x --lr-decay every --lr-decay-every "
+                                                   "steps); cosine (down to --min-lr over the run's budget); "
+                                                   f"default {d.lr_schedule}, or step when --lr-decay is given")
+    a("--lr-decay", type=float, help=f"the step schedule's factor, default {d.lr_decay}")
+    a("--lr-decay-every", type=int, help=f"the step schedule's period in steps, default {d.lr_decay_every}")
+    a("--warmup-steps", type=int, help=f"linear learning-rate warm-up, default {d.warmup_steps}")
+    a("--min-lr", type=float, help="where the cosine schedule ends, default lr / 10")
+    a("--grad-clip", type=float, help=f"0 = off, default {d.grad_clip}")
+    a("--clip-mode", choices=C.CLIP_MODES, help=f"global L2 norm or elementwise, default {d.clip_mode}")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=_positive_int, help="optimizer steps to train (with --resume: this many more)")
+    g.add_argument("--epochs", type=_positive_float, help=f"passes over the training {what} (with --resume: more)")
+    g.add_argument("--minutes", type=_positive_float,
+                   help=f"minutes of training (with --resume: this many more; the default when none of "
+                        f"--steps/--epochs/--minutes is given: {default_minutes:g}, or, on --resume, "
+                        f"whatever the run's budget has left)")
+    a("--eval-every", type=int, help=f"validate and checkpoint every N steps, default {d.eval_every}")
+    a("--seed", type=int, help=f"initialisation seed, default {d.seed}")
+    a("--no-progress", action="store_true", help="no progress bar")
+
+
 def _add_train(sub):
     d = C.TrainConfig()
     p = sub.add_parser("train", help="train a language model on a UTF-8 text",
@@ -88,37 +121,11 @@ def _add_train(sub):
                                     "layers, 0 with one")
     a("--seq-len", type=int, help=f"BPTT length T, default {d.seq_len}")
     a("--batch-size", type=int, help=f"parallel streams B, default {d.batch_size}")
-    a("--optimizer", choices=C.OPTIMIZERS, help=f"default {d.optimizer}")
-    a("--lr", type=_positive_float, help="learning rate (default per optimizer: "
-      + ", ".join(f"{k} {v:g}" for k, v in C.DEFAULT_LR.items()) + ")")
-    a("--momentum", type=float, help=f"SGD momentum, default {d.momentum}")
-    a("--beta1", type=float, help=f"Adam's beta1, default {d.beta1}")
-    a("--beta2", type=float, help=f"Adam's beta2, default {d.beta2}")
-    a("--weight-decay", type=float, help="weight decay on weight matrices and the embedding (not biases); "
-                                         f"with adam it is AdamW's decoupled decay, default {d.weight_decay:g}")
-    a("--lr-schedule", choices=C.LR_SCHEDULES, help="constant; step (x --lr-decay every --lr-decay-every "
-                                                   "steps); cosine (down to --min-lr over the run's budget); "
-                                                   f"default {d.lr_schedule}, or step when --lr-decay is given")
-    a("--lr-decay", type=float, help=f"the step schedule's factor, default {d.lr_decay}")
-    a("--lr-decay-every", type=int, help=f"the step schedule's period in steps, default {d.lr_decay_every}")
-    a("--warmup-steps", type=int, help=f"linear learning-rate warm-up, default {d.warmup_steps}")
-    a("--min-lr", type=float, help="where the cosine schedule ends, default lr / 10")
-    a("--grad-clip", type=float, help=f"0 = off, default {d.grad_clip}")
-    a("--clip-mode", choices=C.CLIP_MODES, help=f"global L2 norm or elementwise, default {d.clip_mode}")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=_positive_int, help="optimizer steps to train (with --resume: this many more)")
-    g.add_argument("--epochs", type=_positive_float, help="passes over the training text (with --resume: more)")
-    g.add_argument("--minutes", type=_positive_float,
-                   help=f"minutes of training (with --resume: this many more; the default when none of "
-                        f"--steps/--epochs/--minutes is given: {C.MAIN_JOB_MINUTES:g}, or, on --resume, "
-                        f"whatever the run's budget has left)")
     a("--val-frac", type=float, help=f"held-out tail for validation, default {d.val_frac}")
-    a("--eval-every", type=int, help=f"validate and checkpoint every N steps, default {d.eval_every}")
     a("--sample-every", type=int, help=f"print a sample every N steps (0 = only the final one), "
                                        f"default {d.sample_every}")
     a("--sample-length", type=int, help=f"tokens per printed sample, default {d.sample_length}")
     a("--sample-temperature", type=float, help=f"default {d.sample_temperature}")
-    a("--seed", type=int, help=f"initialisation seed, default {d.seed}")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its hyperparameters are "
                                                        "kept); --out defaults to DIR")
@@ -126,7 +133,7 @@ def _add_train(sub):
                                                           "(its best state) and train on --data as a new run: "
                                                           "the model's shape and tokenizer are the checkpoint's, "
                                                           "and a text with symbols outside its vocabulary is refused")
-    a("--no-progress", action="store_true", help="no progress bar")
+    add_run_flags(p, d, C.MAIN_JOB_MINUTES)
     return p
 
 
@@ -169,10 +176,12 @@ def _add_eval(sub):
 def build_parser():
     p = Parser(prog="lstmkit", description="LSTM language models in NumPy: train, sample, eval.")
     p.add_argument("--version", action="version", version=f"lstmkit {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,gradient-flow,visualize}")
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,classify,gradient-flow,visualize}")
     _add_train(sub)
     _add_sample(sub)
     _add_eval(sub)
+    sub.add_parser("classify", help="sequence classification: train, eval, predict (see lstmkit classify -h)",
+                   add_help=False)
     sub.add_parser("gradient-flow", help="the gradient-flow lesson (see lstmkit gradient-flow -h)", add_help=False)
     sub.add_parser("visualize", help="look inside a trained LSTM (see lstmkit visualize -h)", add_help=False)
     return p
@@ -188,15 +197,30 @@ def _default_out(data: str) -> str:
     return out
 
 
-def cmd_train(args, out, err) -> int:
-    from .train import Trainer, TrainingStopped
-    overrides = {}
-    for f in C.TrainConfig.__dataclass_fields__:
-        v = getattr(args, f, None)
-        if v is not None:
-            overrides[f] = v
+def config_overrides(args, cls) -> dict:
+    """{field: value} of the config fields the command line gave (None = not given)."""
+    overrides = {f: getattr(args, f) for f in cls.__dataclass_fields__ if getattr(args, f, None) is not None}
     if "lr_decay" in overrides and "lr_schedule" not in overrides:
         overrides["lr_schedule"] = "step"       # --lr-decay alone asks for the step schedule
+    return overrides
+
+
+def run_trainer(trainer, err) -> int:
+    """Run a trainer; the exit status: 0 done, 1 stopped by the NaN guard, 128 + signal when stopped."""
+    from .trainer import TrainingStopped
+    try:
+        result = trainer.run()
+    except TrainingStopped as e:
+        err.write(f"lstmkit: error: {e}\n")
+        return 1
+    if result["status"] == "interrupted":
+        return 128 + int(result["signal"])
+    return 0
+
+
+def cmd_train(args, out, err) -> int:
+    from .train import Trainer
+    overrides = config_overrides(args, C.TrainConfig)
     if args.resume is not None:
         cfg = C.TrainConfig()
         out_dir = args.out or args.resume
@@ -207,14 +231,7 @@ def cmd_train(args, out, err) -> int:
         out_dir = args.out or _default_out(cfg.data)
     trainer = Trainer(cfg, out_dir, resume=args.resume, init_from=args.init_from, overrides=overrides,
                       progress=not args.no_progress, out=out, err=err)
-    try:
-        result = trainer.run()
-    except TrainingStopped as e:
-        err.write(f"lstmkit: error: {e}\n")
-        return 1
-    if result["status"] == "interrupted":
-        return 128 + int(result["signal"])
-    return 0
+    return run_trainer(trainer, err)
 
 
 SAMPLE_SEPARATOR = "-----"
@@ -268,26 +285,18 @@ def cmd_eval(args, out, err) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out, err = sys.stdout, sys.stderr
-    if argv and argv[0] == "gradient-flow":
-        from .gradient_flow import main as gf_main
-        return gf_main(argv[1:])
-    if argv and argv[0] == "visualize":
-        from .visualize import main as vis_main
-        return vis_main(argv[1:])
-    parser = build_parser()
+def dispatch(parser, argv, handlers, out, err) -> int:
+    """Parse argv and run its command's handler; any LMError or OSError becomes one line on stderr
+    and exit status 2, Ctrl-C one line and 130: never a traceback."""
     try:
         try:
             args = parser.parse_args(argv)
-        except SystemExit as e:    # -h / --help
+        except SystemExit as e:    # -h / --help / --version
             return int(e.code or 0)
         if args.command is None:
             parser.print_help(out)
             return 0
-        handler = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.command]
-        return handler(args, out, err)
+        return handlers[args.command](args, out, err)
     except C.LMError as e:
         err.write(f"lstmkit: error: {e}\n")
         return EXIT_USAGE
@@ -298,6 +307,21 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         err.write("lstmkit: interrupted\n")
         return 130
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, err = sys.stdout, sys.stderr
+    if argv and argv[0] == "gradient-flow":
+        from .gradient_flow import main as gf_main
+        return gf_main(argv[1:])
+    if argv and argv[0] == "visualize":
+        from .visualize import main as vis_main
+        return vis_main(argv[1:])
+    if argv and argv[0] == "classify":
+        from .classify import main as classify_main
+        return classify_main(argv[1:], out, err)
+    return dispatch(build_parser(), argv, {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}, out, err)
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ class TrainerBase:
         self._write(self._step_line(loss, rate, best))
 
     def _step_line(self, loss, rate, best):
-        val = f"{self.last_val:.4g}" if self.last_val is not None else "-"
+        val = f"{self.last_val:.4f}" if self.last_val is not None else "-"
         return (f"step {self.step:6d}  epoch {self._epochs_done():6.2f}  loss {loss:.4f} nats  val {val} "
                 f"{self.metric}{' (best)' if best else ''}  {rate:,.0f} {self.rate_unit}  {self.elapsed / 60:.1f} min")
 
