@@ -1,8 +1,14 @@
-"""Two versions of lstmkit/kernels.py against each other: one layer's forward + backward.
+"""Two versions of lstmkit/kernels.py (or gru.py) against each other: one layer's forward + backward.
 
     git worktree add /tmp/base HEAD                      # the version to compare against
     python benchmarks/ab_kernels.py /tmp/base .          # base tree, candidate tree
     python benchmarks/ab_kernels.py /tmp/base . --mode rnn --sizes 0,4 --seconds 12
+    python benchmarks/ab_kernels.py /tmp/base . --mode gru          # gru.py's fused layer
+
+Each tree's file is loaded as a submodule of a package made up for that tree (lstmkit_ab_base,
+lstmkit_ab_candidate) whose path is the tree's lstmkit/ folder, so its relative imports (kernels.py's
+`from . import jit_cache`, gru.py's `from .kernels import ...`) load that tree's files, never the
+installed lstmkit's, and lstmkit/__init__.py is not run.
 
 Both kernels files are loaded into this one process and called alternately, call by call (the
 order swapped every round), for --seconds per size. Reported per size: the minimum and the median
@@ -11,7 +17,7 @@ down, so the minimum is the steadier of the two; a change is worth keeping when 
 This is the test a kernel change has to pass: in this project, timing a product or a kernel alone
 repeatedly promised gains that the whole layer call did not show (BENCHMARKS.md).
 
-Shape letters: T steps, B batch, I input size, H hidden size, G gate rows (4H for LSTM, H for RNN).
+Shape letters: T steps, B batch, I input size, H hidden size, G gate rows (4H LSTM, 3H GRU, H RNN).
 """
 
 import argparse
@@ -21,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 
@@ -28,14 +35,25 @@ SIZES = [(50, 32, 64, 128), (100, 32, 256, 256), (100, 64, 512, 512), (50, 50, 1
          (50, 50, 512, 512)]   # (T, B, I, H): the layer sizes of bench_lstm.py
 
 
-def load_kernels(tree, name):
-    """lstmkit/kernels.py of a source tree, as module `name`. Numba's cache goes to a private folder:
-    its cached functions name the module they were compiled for, which these loaded copies are not."""
-    path = os.path.join(tree, "lstmkit", "kernels.py")
-    spec = importlib.util.spec_from_file_location(name, path)
+def load_kernels(tree, name, file="kernels"):
+    """lstmkit/<file>.py of a source tree, as module `name.<file>` of a package `name` made up for
+    that tree. Numba's cache goes to a private folder: its cached functions name the module they
+    were compiled for, which these loaded copies are not."""
+    folder = os.path.join(os.path.abspath(tree), "lstmkit")
+    path = os.path.join(folder, file + ".py")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} does not exist: give the root of a source tree holding lstmkit/")
+    if name not in sys.modules:
+        package = types.ModuleType(name)
+        package.__path__ = [folder]        # `from . import jit_cache` finds the tree's own file
+        package.__package__ = name
+        sys.modules[name] = package
+    spec = importlib.util.spec_from_file_location(f"{name}.{file}", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    if not getattr(module, "AVAILABLE", False):
+        raise SystemExit(f"{path}: Numba is not available there, so it has no fused kernels to time")
     return module
 
 
@@ -43,6 +61,9 @@ def layer_call(K, mode, x, h0, c0, W_ih, W_hh, b, dy):
     if mode == "lstm":
         _, _, _, cache = K.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b)
         K.lstm_layer_backward(dy, None, None, cache)
+    elif mode == "gru":   # b_ih = b_hh = b: the GRU keeps the two apart, their values do not matter here
+        _, _, cache = K.fused_forward(x, h0, W_ih, W_hh, b, b)
+        K.fused_backward(dy, None, cache)
     else:
         _, _, cache = K.rnn_layer_forward(x, h0, W_ih, W_hh, b)
         K.rnn_layer_backward(dy, None, cache)
@@ -52,18 +73,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("base", help="source tree holding the version to compare against")
     ap.add_argument("candidate", help="source tree holding the changed version")
-    ap.add_argument("--mode", choices=["lstm", "rnn"], default="lstm", help="which layer (default lstm)")
+    ap.add_argument("--mode", choices=["lstm", "gru", "rnn"], default="lstm",
+                    help="which layer (default lstm); gru times gru.py's fused layer")
     ap.add_argument("--sizes", default=None, help="comma-separated indices into the size list (default all)")
     ap.add_argument("--seconds", type=float, default=8.0, help="time spent per size (default 8)")
     args = ap.parse_args()
     os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lstmkit-ab-")
-    base = load_kernels(args.base, "lstmkit_ab_base")
-    cand = load_kernels(args.candidate, "lstmkit_ab_candidate")
+    file = "gru" if args.mode == "gru" else "kernels"
+    base = load_kernels(args.base, "lstmkit_ab_base", file)
+    cand = load_kernels(args.candidate, "lstmkit_ab_candidate", file)
     sizes = SIZES if args.sizes is None else [SIZES[int(i)] for i in args.sizes.split(",")]
     rng = np.random.default_rng(0)
     f32 = np.float32
     for T, B, I, H in sizes:
-        G = 4 * H if args.mode == "lstm" else H
+        G = {"lstm": 4, "gru": 3}.get(args.mode, 1) * H
         x = rng.standard_normal((T, B, I), dtype=f32)
         W_ih = rng.standard_normal((G, I), dtype=f32) * 0.1
         W_hh = rng.standard_normal((G, H), dtype=f32) * 0.1
