@@ -32,9 +32,15 @@ and, summed over all steps (done as single matrix products after the loop):
 
 RNN (torch.nn.RNN):  h_t = φ(x_t W_ih^T + h_{t-1} W_hh^T + b),  φ = tanh or relu;
 backward:  da = dh ⊙ φ'(a)  (1 - h² for tanh, [h > 0] for relu),  dh_{t-1} = da W_hh.
+
+Packed batches (batch_sizes, see packed.py): the layers below stay the textbook loops over full
+batches; with batch_sizes they are run by packed.packed_layer_forward, once per run of steps with
+the same batch size over the rows still running, and the backward follows its cache there.
 """
 
 import numpy as np
+
+from . import packed
 
 
 def sigmoid(x):
@@ -42,7 +48,8 @@ def sigmoid(x):
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W_hh_T=None):
+def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W_hh_T=None,
+                       batch_sizes=None):
     """Run one LSTM layer in one direction over all T steps.
 
     x (T, B, I), h0 (B, P), c0 (B, H), W_ih (G, I), W_hh (G, P), b (G,) or None, W_hr (P, H) or None.
@@ -51,7 +58,12 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     The cache references x, h0, c0 and the weights, not copies: the caller keeps them unchanged
     until backward (modules.py checks that they were). W_hh_T, a transposed copy of W_hh that
     the fast path may be given, is not needed here: accepted so that both files share one signature.
+    batch_sizes (T,) or None: x is a packed batch on its sorted grid (packed.py); h_T, c_T row b
+    are then sequence b's at its own last step, and out is zero at padding.
     """
+    if batch_sizes is not None:
+        return packed.packed_layer_forward(lstm_layer_forward, x, (h0, c0), (W_ih, W_hh, b, W_hr),
+                                           batch_sizes, save=save)
     T, B, I = x.shape
     G, P = W_hh.shape
     H = G // 4
@@ -93,6 +105,8 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
     final states (None means zeros). Returns dx, dh0, dc0, dW_ih, dW_hh, db, dW_hr; db is None when
     the forward had no bias and dW_hr is None when it had no projection.
     """
+    if "segments" in cache:      # a packed batch: the segment runner's cache
+        return packed.packed_layer_backward(lstm_layer_backward, dout, (dh_T, dc_T), cache)
     x, h0, c0 = cache["x"], cache["h0"], cache["c0"]
     W_ih, W_hh, W_hr = cache["W_ih"], cache["W_hh"], cache["W_hr"]
     gates, c, tanh_c, m, h = cache["gates"], cache["c"], cache["tanh_c"], cache["m"], cache["h"]
@@ -134,9 +148,12 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
     return dx, dh_next, dc_next, dW_ih, dW_hh, db, dW_hr
 
 
-def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=True):
+def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=True, batch_sizes=None):
     """Run one Elman RNN layer in one direction. x (T, B, I), h0 (B, H) -> out (T, B, H), h_T, cache
-    (None when save is False)."""
+    (None when save is False). batch_sizes as in lstm_layer_forward."""
+    if batch_sizes is not None:
+        return packed.packed_layer_forward(rnn_layer_forward, x, (h0,), (W_ih, W_hh, b, nonlinearity),
+                                           batch_sizes, save=save)
     T, B, I = x.shape
     H = W_hh.shape[0]
     xa = (x.reshape(T * B, I) @ W_ih.T).reshape(T, B, H)
@@ -157,6 +174,8 @@ def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=Tr
 
 def rnn_layer_backward(dout, dh_T, cache):
     """Backpropagation through time for rnn_layer_forward. Returns dx, dh0, dW_ih, dW_hh, db."""
+    if "segments" in cache:
+        return packed.packed_layer_backward(rnn_layer_backward, dout, (dh_T,), cache)
     x, h0, W_ih, W_hh, h = cache["x"], cache["h0"], cache["W_ih"], cache["W_hh"], cache["h"]
     T, B, I = x.shape
     H = W_hh.shape[0]

@@ -52,6 +52,8 @@ import threading
 
 import numpy as np
 
+from .packed import check_batch_sizes
+
 try:
     from numba import njit
     from numba.core import types
@@ -421,7 +423,8 @@ def _c(a, dtype):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W_hh_T=None):
+def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W_hh_T=None,
+                       batch_sizes=None):
     """One LSTM layer, one direction, all T steps; the contract of functional.lstm_layer_forward.
 
     x (T, B, I), h0 (B, P), c0 (B, H), W_ih (G, I), W_hh (G, P), b (G,) or None, W_hr (P, H) or None.
@@ -430,6 +433,8 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     save=False (no_grad): cache is None, and c_t, m_t live in (B, H) buffers instead of (T, B, H).
     W_hh_T: W_hh.T as a C-contiguous array, when the caller keeps one across calls (modules.py
     does, refreshed when W_hh changes); the batch-1 loops read it, else they copy W_hh.T per call.
+    batch_sizes (T,) or None: a packed batch (packed.py), run natively over its real rows only
+    (_lstm_forward_packed); a batch whose sequences all run T steps is an ordinary one.
     """
     dt = np.result_type(x.dtype, W_ih.dtype)
     x = _c(x, dt)
@@ -441,6 +446,10 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     bias = _c(b, dt) if b is not None else np.zeros(G, dt)
     proj = W_hr is not None
     W_hr = _c(W_hr, dt) if proj else None
+    if batch_sizes is not None:
+        bs = check_batch_sizes(batch_sizes, T, B)
+        if bs[-1] != B:
+            return _lstm_forward_packed(x, h0, c0, W_ih, W_hh, bias, W_hr, b is not None, bs, save)
     if B == 1:
         if W_hh_T is not None:
             W_hh_T = _c(W_hh_T, dt)
@@ -497,6 +506,8 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
     """Backpropagation through time for lstm_layer_forward; functional.lstm_layer_backward's
     contract: returns dx, dh0, dc0, dW_ih, dW_hh, db (None without bias), dW_hr (None without
     projection)."""
+    if "start" in cache:
+        return _lstm_backward_packed(dout, dh_T, dc_T, cache)
     x, h0, c0 = cache["x"], cache["h0"], cache["c0"]
     W_ih, W_hh, W_hr = cache["W_ih"], cache["W_hh"], cache["W_hr"]
     gates, c, h = cache["gates"], cache["c"], cache["h"]
@@ -552,9 +563,10 @@ def _input_and_weight_grads(da, x, h0, h, W_ih, has_bias):
     return dx, dW_ih, dW_hh, db
 
 
-def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=True):
+def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=True, batch_sizes=None):
     """One Elman RNN layer; functional.rnn_layer_forward's contract: out (T, B, H), h_T, cache
-    (None when save is False: the forward keeps nothing else anyway)."""
+    (None when save is False: the forward keeps nothing else anyway). batch_sizes as in
+    lstm_layer_forward."""
     dt = np.result_type(x.dtype, W_ih.dtype)
     x = _c(x, dt)
     W_ih, W_hh, h0 = _c(W_ih, dt), _c(W_hh, dt), _c(h0, dt)
@@ -562,6 +574,10 @@ def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=Tr
     H = W_hh.shape[0]
     bias = _c(b, dt) if b is not None else np.zeros(H, dt)
     relu = nonlinearity == "relu"
+    if batch_sizes is not None:
+        bs = check_batch_sizes(batch_sizes, T, B)
+        if bs[-1] != B:
+            return _rnn_forward_packed(x, h0, W_ih, W_hh, bias, b is not None, nonlinearity, bs, save)
     h = _mm(x.reshape(T * B, I), W_ih.T).reshape(T, B, H)   # becomes h in place
     rec = np.empty((B, H), dt)
     W_hh_T = W_hh.T
@@ -580,6 +596,8 @@ def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=Tr
 
 def rnn_layer_backward(dout, dh_T, cache):
     """Backpropagation through time for rnn_layer_forward. Returns dx, dh0, dW_ih, dW_hh, db."""
+    if "start" in cache:
+        return _rnn_backward_packed(dout, dh_T, cache)
     x, h0, W_ih, W_hh, h = cache["x"], cache["h0"], cache["W_ih"], cache["W_hh"], cache["h"]
     dt = x.dtype
     T, B, I = x.shape
@@ -594,3 +612,150 @@ def rnn_layer_backward(dout, dh_T, cache):
             np.matmul(da[t], W_hh, out=dh_next)
     dx, dW_ih, dW_hh, db = _input_and_weight_grads(da, x, h0, h, W_ih, cache["has_bias"])
     return dx, dh_next, dW_ih, dW_hh, db
+
+
+# ---------------------------------------------------------------------- packed batches
+# A packed batch (batch_sizes, sorted longest first) is run over its real rows only, kept packed
+# (N, ·) as gru.py's fused layer keeps them: step t is rows [start[t], start[t+1]), and the rows
+# still running are a prefix of the previous step's, so every per-step product reads h_{t-1} as a
+# contiguous slice and the weight gradients stay one product each over the N real rows. A finished
+# sequence keeps its state; row b of h_T, c_T is its state at its own last step. In backward the
+# gradient given at a final state waits in dh, dc until its sequence's last step is reached.
+def _packing(bs, B):
+    """start (T+1,), rows (N,): the flat (T*B) grid indices of the real rows, and each sequence's
+    last row (B,)."""
+    start = np.concatenate([[0], np.cumsum(bs)])
+    rows = np.flatnonzero(np.arange(B)[None, :] < bs[:, None])
+    lengths = (bs[None, :] > np.arange(B)[:, None]).sum(axis=1)
+    return start, rows, start[lengths - 1] + np.arange(B)
+
+
+def _scatter(rows_data, rows, T, B):
+    """(N, F) packed rows -> (T, B, F), zeros at padding."""
+    out = np.zeros((T * B, rows_data.shape[1]), rows_data.dtype)
+    out[rows] = rows_data
+    return out.reshape(T, B, -1)
+
+
+def _lstm_forward_packed(x, h0, c0, W_ih, W_hh, bias, W_hr, has_bias, bs, save):
+    """lstm_layer_forward over the real rows of a packed batch (B > 1, not all of length T)."""
+    T, B, I = x.shape
+    G, P = W_hh.shape
+    H = G // 4
+    dt = x.dtype
+    proj = W_hr is not None
+    start, rows, last = _packing(bs, B)
+    xr = x.reshape(T * B, I)[rows]                    # (N, I)
+    N = xr.shape[0]
+    gates = _mm(xr, W_ih.T)                           # (N, G), the kernel adds the bias
+    c = np.empty((N, H), dt)
+    h = np.empty((N, P), dt)
+    m = np.empty((N, H), dt) if proj else h           # without projection m_t is h_t
+    rec = np.empty((B, G), dt)
+    h_prev, c_prev = h0, c0
+    with _single_blas_thread(B * P * G):
+        for t in range(T):
+            s, e = start[t], start[t + 1]
+            n = e - s
+            np.matmul(h_prev[:n], W_hh.T, out=rec[:n])
+            _lstm_fwd_step(gates[s:e], rec[:n], bias, c_prev[:n], c[s:e], m[s:e])
+            if proj:
+                np.matmul(m[s:e], W_hr.T, out=h[s:e])
+            h_prev, c_prev = h[s:e], c[s:e]
+    out = _scatter(h, rows, T, B)
+    if not save:
+        return out, h[last], c[last], None
+    cache = {"x_shape": x.shape, "xr": xr, "h0": h0, "c0": c0, "W_ih": W_ih, "W_hh": W_hh, "W_hr": W_hr,
+             "has_bias": has_bias, "start": start, "rows": rows, "bs": bs, "gates": gates, "c": c,
+             "m": m if proj else None, "h": h}
+    return out, h[last], c[last], cache
+
+
+def _lstm_backward_packed(dout, dh_T, dc_T, cache):
+    """lstm_layer_backward of _lstm_forward_packed: dx, dh0, dc0, dW_ih, dW_hh, db, dW_hr."""
+    xr, h0, c0, W_ih, W_hh, W_hr = (cache[k] for k in ("xr", "h0", "c0", "W_ih", "W_hh", "W_hr"))
+    gates, c, h, start, rows = cache["gates"], cache["c"], cache["h"], cache["start"], cache["rows"]
+    T, B, I = cache["x_shape"]
+    N, G = gates.shape
+    P, H = W_hh.shape[1], G // 4
+    dt = xr.dtype
+    proj = W_hr is not None
+    dy = _c(dout, dt).reshape(T * B, P)[rows]                     # (N, P)
+    dgates = np.empty((N, G), dt)
+    dh = np.zeros((B, P), dt) if dh_T is None else np.array(dh_T, dtype=dt, order="C")
+    dc = np.zeros((B, H), dt) if dc_T is None else np.array(dc_T, dtype=dt, order="C")
+    dh_all = np.empty((N, P), dt) if proj else None
+    dm, zeros_H = (np.empty((B, H), dt), np.zeros((B, H), dt)) if proj else (None, None)
+    with _single_blas_thread(B * P * G):
+        for t in range(T - 1, -1, -1):
+            s, e = start[t], start[t + 1]
+            n = e - s
+            c_prev = c0 if t == 0 else c[start[t - 1] : start[t - 1] + n]
+            if proj:
+                np.add(dy[s:e], dh[:n], out=dh_all[s:e])
+                np.matmul(dh_all[s:e], W_hr, out=dm[:n])
+                _lstm_bwd_step(gates[s:e], c[s:e], c_prev[:n], dm[:n], zeros_H[:n], dc[:n], dgates[s:e])
+            else:
+                _lstm_bwd_step(gates[s:e], c[s:e], c_prev[:n], dy[s:e], dh[:n], dc[:n], dgates[s:e])
+            np.matmul(dgates[s:e], W_hh, out=dh[:n])
+    dx, dW_ih, dW_hh, db = _packed_weight_grads(dgates, xr, h0, h, W_ih, cache)
+    dW_hr = _mm(dh_all.T, cache["m"]) if proj else None
+    return dx, dh, dc, dW_ih, dW_hh, db, dW_hr
+
+
+def _packed_weight_grads(da, xr, h0, h, W_ih, cache):
+    """_input_and_weight_grads over packed rows: da, xr, h (N, ·). h_{t-1} of a row of step t >= 1
+    is the row bs[t-1] places earlier (the same sequence one step back)."""
+    T, B, I = cache["x_shape"]
+    bs, N = cache["bs"], da.shape[0]
+    dx = _scatter(_mm(da, W_ih), cache["rows"], T, B)
+    dW_ih = _mm(da.T, xr)
+    dW_hh = _mm(da[:B].T, h0)
+    if T > 1:
+        dW_hh += _mm(da[B:].T, h[np.arange(B, N) - np.repeat(bs[:-1], bs[1:])])
+    db = da.sum(axis=0) if cache["has_bias"] else None
+    return dx, dW_ih, dW_hh, db
+
+
+def _rnn_forward_packed(x, h0, W_ih, W_hh, bias, has_bias, nonlinearity, bs, save):
+    """rnn_layer_forward over the real rows of a packed batch (B > 1, not all of length T)."""
+    T, B, I = x.shape
+    H = W_hh.shape[0]
+    start, rows, last = _packing(bs, B)
+    xr = x.reshape(T * B, I)[rows]
+    h = _mm(xr, W_ih.T)                              # (N, H), becomes h in place
+    rec = np.empty((B, H), x.dtype)
+    relu = nonlinearity == "relu"
+    h_prev = h0
+    with _single_blas_thread(B * H * H):
+        for t in range(T):
+            s, e = start[t], start[t + 1]
+            np.matmul(h_prev[: e - s], W_hh.T, out=rec[: e - s])
+            _rnn_fwd_step(h[s:e], rec[: e - s], bias, relu)
+            h_prev = h[s:e]
+    out = _scatter(h, rows, T, B)
+    if not save:
+        return out, h[last], None
+    cache = {"x_shape": x.shape, "xr": xr, "h0": h0, "W_ih": W_ih, "W_hh": W_hh, "has_bias": has_bias,
+             "nonlinearity": nonlinearity, "start": start, "rows": rows, "bs": bs, "h": h}
+    return out, h[last], cache
+
+
+def _rnn_backward_packed(dout, dh_T, cache):
+    """rnn_layer_backward of _rnn_forward_packed: dx, dh0, dW_ih, dW_hh, db."""
+    xr, h0, W_ih, W_hh, h = cache["xr"], cache["h0"], cache["W_ih"], cache["W_hh"], cache["h"]
+    start = cache["start"]
+    T, B, I = cache["x_shape"]
+    N, H = h.shape
+    dt = xr.dtype
+    relu = cache["nonlinearity"] == "relu"
+    dy = _c(dout, dt).reshape(T * B, H)[cache["rows"]]
+    da = np.empty((N, H), dt)
+    dh = np.zeros((B, H), dt) if dh_T is None else np.array(dh_T, dtype=dt, order="C")
+    with _single_blas_thread(B * H * H):
+        for t in range(T - 1, -1, -1):
+            s, e = start[t], start[t + 1]
+            _rnn_bwd_step(h[s:e], dy[s:e], dh[: e - s], relu, da[s:e])
+            np.matmul(da[s:e], W_hh, out=dh[: e - s])
+    dx, dW_ih, dW_hh, db = _packed_weight_grads(da, xr, h0, h, W_ih, cache)
+    return dx, dh, dW_ih, dW_hh, db

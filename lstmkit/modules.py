@@ -14,9 +14,9 @@ Stacking (torch.nn.LSTM): layer k > 0 takes the D directions of layer k-1 concat
 dropout, kept elements scaled by 1/(1-p)); the reverse direction reads the sequence back to front.
 
 Packed batches (torch.nn.utils.rnn.PackedSequence, here lstmkit.utils.rnn's): the data (N, I) is
-laid out on the sorted (T, B) grid (packed.py), every layer runs over the real tokens only (the
-GRU layer takes batch_sizes, the LSTM and RNN layers run once per run of equal batch size), the
-reverse direction starts each sequence at its own last step, and the output is packed again.
+laid out on the sorted (T, B) grid (packed.py), every layer runs over the real tokens only (each
+takes batch_sizes), the reverse direction starts each sequence at its own last step, and the
+output is packed again.
 
 Forward and backward (the same shape for every module; contexts.py has the guards):
     out, state = module(x, hx)                              plain: the module keeps this forward's
@@ -28,7 +28,6 @@ given to backward is optional (None: that output does not reach the loss); backw
 keeps the context for another backward. Parameter gradients are added into module.grads.
 """
 
-import functools
 import numbers
 import os
 import warnings
@@ -364,9 +363,9 @@ class _RNNBase(_Module):
     # ------------------------------------------------------------------ one layer, one direction
     def _layer_forward(self, backend, layer, d, x, h0, c0, bs, save):
         """One layer in one direction: out (T, N, P), h_T, c_T (None but for the LSTM), cache.
-        bs: the batch_sizes of a packed batch (x on its sorted grid), or None. The GRU layer takes
-        batch_sizes itself; the LSTM and RNN layers are run by packed.packed_layer_forward, one
-        call per run of equal batch size over the rows still running (real tokens only)."""
+        bs: the batch_sizes of a packed batch (x on its sorted grid), or None; every layer takes
+        it (real tokens only: kernels.py and gru.py natively, functional.py through packed.py's
+        segment runner)."""
         sfx = self._suffixes[layer][d]
         p = self._plain
         W_ih, W_hh = p["weight_ih" + sfx], p["weight_hh" + sfx]
@@ -377,41 +376,32 @@ class _RNNBase(_Module):
         b = self._summed_bias(sfx) if self.bias else None
         if self.mode == "LSTM":
             # batch 1 reads W_hh transposed in the T > 1 forward loop and in every backward
-            b1 = (x.shape[1] == 1 and (save or x.shape[0] > 1)) or (bs is not None and bs[-1] == 1)
+            b1 = x.shape[1] == 1 and (save or x.shape[0] > 1)
             W_hh_T = self._transposed_W_hh(sfx) if b1 else None
-            params = (W_ih, W_hh, b, p.get("weight_hr" + sfx))
-            if bs is None:
-                return backend.lstm_layer_forward(x, h0, c0, *params, save=save, W_hh_T=W_hh_T)
-            forward, states = functools.partial(backend.lstm_layer_forward, W_hh_T=W_hh_T), (h0, c0)
-        else:
-            params = (W_ih, W_hh, b, "tanh" if self.mode == "RNN_TANH" else "relu")
-            if bs is None:
-                out, h_T, cache = backend.rnn_layer_forward(x, h0, *params, save=save)
-                return out, h_T, None, cache
-            forward, states = backend.rnn_layer_forward, (h0,)
-        out, *finals, cache = packed.packed_layer_forward(forward, x, states, params, bs, save=save)
-        return out, finals[0], finals[1] if len(finals) == 2 else None, cache
+            if bs is None:   # the hot path of generation: no extra keyword
+                return backend.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, p.get("weight_hr" + sfx),
+                                                  save=save, W_hh_T=W_hh_T)
+            return backend.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, p.get("weight_hr" + sfx),
+                                              save=save, batch_sizes=bs)
+        nl = "tanh" if self.mode == "RNN_TANH" else "relu"
+        out, h_T, cache = backend.rnn_layer_forward(x, h0, W_ih, W_hh, b, nl, save=save, batch_sizes=bs)
+        return out, h_T, None, cache
 
-    def _layer_backward(self, backend, layer, d, dout, dh, dc, cache, is_packed):
+    def _layer_backward(self, backend, layer, d, dout, dh, dc, cache):
         """Backward of _layer_forward: dx, dh0, dc0 (None but for the LSTM); the parameter gradients
-        are added into self.grads."""
+        are added into self.grads. Each layer's backward follows its own cache (packed or not)."""
         sfx = self._suffixes[layer][d]
         if self.mode == "GRU":
             dx, dh0, dW_ih, dW_hh, db_ih, db_hh = gru.gru_layer_backward(dout, dh, cache)
             self._accumulate(sfx, dW_ih, dW_hh, db_ih, db_hh)
             return dx, dh0, None
         if self.mode == "LSTM":
-            backward, dstates = backend.lstm_layer_backward, (dh, dc)
+            dx, dh0, dc0, dW_ih, dW_hh, db, dW_hr = backend.lstm_layer_backward(dout, dh, dc, cache)
         else:
-            backward, dstates = backend.rnn_layer_backward, (dh,)
-        if is_packed:
-            dx, *rest = packed.packed_layer_backward(backward, dout, dstates, cache)
-        else:
-            dx, *rest = backward(dout, *dstates, cache)
-        k = len(dstates)
+            (dx, dh0, dW_ih, dW_hh, db), dc0, dW_hr = backend.rnn_layer_backward(dout, dh, cache), None, None
         # b = b_ih + b_hh in these layers, so both biases receive its gradient
-        self._accumulate(sfx, rest[k], rest[k + 1], rest[k + 2], rest[k + 2], *rest[k + 3:])
-        return dx, rest[0], rest[1] if k == 2 else None
+        self._accumulate(sfx, dW_ih, dW_hh, db, db, dW_hr)
+        return dx, dh0, dc0
 
     def _accumulate(self, sfx, dW_ih, dW_hh, db_ih, db_hh, dW_hr=None):
         g = self.grads
@@ -483,8 +473,7 @@ class _RNNBase(_Module):
                 dout = np.ascontiguousarray(dout if d == 0 else flip(dout))
                 dx, dh0[idx], dc = self._layer_backward(backend, layer, d, dout, dh_n[idx],
                                                         None if dc_n is None else dc_n[idx],
-                                                        saved["caches"][layer][d],
-                                                        packing is not None and not packing["uniform"])
+                                                        saved["caches"][layer][d])
                 if dc is not None:
                     dc0[idx] = dc
                 dx = dx if d == 0 else flip(dx)

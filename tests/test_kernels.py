@@ -244,3 +244,59 @@ def test_batch_one_with_a_kept_transposed_W_hh_matches(shape):
         np.testing.assert_array_equal(g, w)
     for g, w in zip(K.lstm_layer_backward(dout, None, None, kept), K.lstm_layer_backward(dout, None, None, cache)):
         np.testing.assert_array_equal(g, w)
+
+
+# ---------------------------------------------------------------------- packed batches
+PACKED = [  # (lengths, sorted longest first; I, H, P)
+    ([5, 4, 2, 1], 3, 8, 8),
+    ([6, 6, 3, 3, 1], 4, 5, 3),     # projection; ties
+    ([2, 1], 3, 9, 9),              # H not a multiple of the vector width
+]
+
+
+def _bs(lengths):
+    return (np.arange(lengths[0])[:, None] < np.array(lengths)[None, :]).sum(axis=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", PACKED, ids=str)
+def test_packed_lstm_and_rnn_match_the_reference_segment_runner(case, bias, dtype):
+    """kernels.py runs a packed batch natively over its real rows; functional.py runs its plain
+    layer once per run of equal batch size (packed.py). Values, final states (each sequence's at
+    its own last step) and every gradient agree; padding is zero in out and dx."""
+    lengths, I, H, P = case
+    T, B = lengths[0], len(lengths)
+    rng = np.random.default_rng(len(lengths) + H + bias)
+    a = _lstm_inputs(rng, T, B, I, H, P, dtype, bias)
+    pad = ~(np.arange(T)[:, None] < np.array(lengths)[None, :])
+    a["x"][pad] = np.nan                                   # padding must never be read
+    dout = rng.standard_normal((T, B, P)).astype(dtype)
+    dout[pad] = np.nan
+    dh, dc = rng.standard_normal((B, P)).astype(dtype), rng.standard_normal((B, H)).astype(dtype)
+    args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], a["W_hr"])
+    want = F.lstm_layer_forward(*args, batch_sizes=_bs(lengths))
+    got = K.lstm_layer_forward(*args, batch_sizes=_bs(lengths))
+    for name, g, w in zip(["out", "h_T", "c_T"], got[:3], want[:3]):
+        _close(g, w, dtype, name)
+    assert np.all(got[0][pad] == 0)
+    lean = K.lstm_layer_forward(*args, batch_sizes=_bs(lengths), save=False)
+    assert lean[3] is None and all(np.array_equal(u, v) for u, v in zip(lean[:3], got[:3]))
+    for grads in ((dh, dc), (None, None)):
+        w = F.lstm_layer_backward(dout, *grads, want[3])
+        g = K.lstm_layer_backward(dout, *grads, got[3])
+        assert np.all(g[0][pad] == 0)
+        for name, gg, ww in zip(["dx", "dh0", "dc0", "dW_ih", "dW_hh", "db", "dW_hr"], g, w):
+            _close(gg, ww, dtype, name)
+    r = lambda *shape: (rng.standard_normal(shape) * 0.5).astype(dtype)   # noqa: E731
+    h0, W_ih, W_hh, b = r(B, H), r(H, I), r(H, H), r(H) if bias else None
+    d_out, d_h = r(T, B, H), r(B, H)
+    d_out[pad] = np.nan
+    for nl in ("tanh", "relu"):
+        want = F.rnn_layer_forward(a["x"], h0, W_ih, W_hh, b, nl, batch_sizes=_bs(lengths))
+        got = K.rnn_layer_forward(a["x"], h0, W_ih, W_hh, b, nl, batch_sizes=_bs(lengths))
+        _close(got[0], want[0], dtype, f"{nl} out")
+        _close(got[1], want[1], dtype, f"{nl} h_T")
+        for name, gg, ww in zip(["dx", "dh0", "dW_ih", "dW_hh", "db"], K.rnn_layer_backward(d_out, d_h, got[2]),
+                                F.rnn_layer_backward(d_out, d_h, want[2])):
+            _close(gg, ww, dtype, f"{nl} {name}")
