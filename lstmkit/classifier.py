@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import CELLS, POOLS
-from .model import (embedding_backward, embedding_forward, linear_backward, linear_forward,
+from .model import (copy_params, embedding_backward, embedding_forward, linear_backward, linear_forward,
                     softmax_cross_entropy_backward, softmax_cross_entropy_forward)
 from .utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -188,15 +188,8 @@ class SequenceClassifier:
             g[...] = 0.0
 
     def load_params(self, arrays: dict) -> None:
-        """Copy arrays into the parameters (names as in self.params); every shape is checked first."""
-        missing = [k for k in self.params if k not in arrays]
-        if missing:
-            raise ValueError(f"missing parameter(s): {', '.join(missing)}")
-        for k, p in self.params.items():
-            if tuple(arrays[k].shape) != p.shape:
-                raise ValueError(f"parameter {k} has shape {tuple(arrays[k].shape)}, expected {p.shape}")
-        for k, p in self.params.items():
-            p[...] = arrays[k]
+        """Copy arrays into the parameters (names as in self.params); shapes are checked first."""
+        copy_params(self.params, arrays)
 
     # -- forward / backward
     def _pad(self, seqs):

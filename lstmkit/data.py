@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import stat
 import unicodedata
 from importlib import resources
 
@@ -44,21 +45,33 @@ def decode_utf8(raw: bytes, name: str) -> str:
                         f"cannot be decoded ({e.reason})") from None
 
 
+def read_data_bytes(spec: str, builtins: dict, kind: str) -> bytes:
+    """The bytes of a built-in data set (name -> gzip file in lstmkit/corpora) or of a regular file.
+    kind names what a path should be ("text", "TSV or CSV") in the errors. A device or a FIFO (a
+    config.json naming /dev/zero, say) is refused before it is opened: reading it would never end."""
+    if spec in builtins:
+        return gzip.decompress(resources.files("lstmkit").joinpath("corpora", builtins[spec]).read_bytes())
+    try:
+        st = os.stat(spec)
+    except FileNotFoundError:
+        raise DataError(f"data file {spec!r} does not exist (give a {kind} file, or one of: "
+                        f"{', '.join(builtins)})") from None
+    except OSError as e:
+        raise DataError(f"cannot read data file {spec!r}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"data file {spec!r} is a directory, not a {kind} file")
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"data file {spec!r} is not a regular file (a device, FIFO or socket)")
+    try:
+        with open(spec, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"cannot read data file {spec!r}: {e.strerror}") from None
+
+
 def read_text(spec: str) -> str:
     """The normalised text of a file path or of a built-in corpus name ("mujeong", "shakespeare")."""
-    if spec in BUILTIN_CORPORA:
-        raw = gzip.decompress(resources.files("lstmkit").joinpath("corpora", BUILTIN_CORPORA[spec]).read_bytes())
-    else:
-        if not os.path.exists(spec):
-            raise DataError(f"data file {spec!r} does not exist (give a path, or one of: "
-                            f"{', '.join(BUILTIN_CORPORA)})")
-        if os.path.isdir(spec):
-            raise DataError(f"data file {spec!r} is a directory, not a text file")
-        try:
-            with open(spec, "rb") as f:
-                raw = f.read()
-        except OSError as e:
-            raise DataError(f"cannot read data file {spec!r}: {e.strerror}") from None
+    raw = read_data_bytes(spec, BUILTIN_CORPORA, "text")
     text = normalize_text(decode_utf8(raw, repr(spec)))
     if not text:
         raise DataError(f"data file {spec!r} is empty")

@@ -22,15 +22,12 @@ Shape letters: N rows, B batch size, C classes.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
-import os
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 
-from .data import DataError, decode_utf8, normalize_text
+from .data import DataError, decode_utf8, normalize_text, read_data_bytes
 
 BUILTIN_LABELLED = {"nsmc": "nsmc_train.tsv.gz", "nsmc-test": "nsmc_test.tsv.gz"}
 TEXT_COLUMNS = ("document", "text")        # tried in this order when --text-column is not given
@@ -43,21 +40,6 @@ class LabelledData:
     labels: np.ndarray          # (N,) int64 class ids
     classes: list[str]          # class id -> label string, sorted
     source: str
-
-
-def _raw(spec: str) -> bytes:
-    if spec in BUILTIN_LABELLED:
-        return gzip.decompress(resources.files("lstmkit").joinpath("corpora", BUILTIN_LABELLED[spec]).read_bytes())
-    if not os.path.exists(spec):
-        raise DataError(f"data file {spec!r} does not exist (give a .tsv or .csv path, or one of: "
-                        f"{', '.join(BUILTIN_LABELLED)})")
-    if os.path.isdir(spec):
-        raise DataError(f"data file {spec!r} is a directory, not a TSV or CSV file")
-    try:
-        with open(spec, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise DataError(f"cannot read data file {spec!r}: {e.strerror}") from None
 
 
 def _rows(text: str, spec: str) -> list[list[str]]:
@@ -82,7 +64,7 @@ def read_labelled(spec: str, text_column: str | None = None, label_column: str =
                   classes: list[str] | None = None) -> LabelledData:
     """Texts and class ids of a labelled file. classes: the model's classes (eval, predict); None
     makes them from this file's labels (training), which must hold two classes or more."""
-    text = normalize_text(decode_utf8(_raw(spec), repr(spec)))
+    text = normalize_text(decode_utf8(read_data_bytes(spec, BUILTIN_LABELLED, "TSV or CSV"), repr(spec)))
     rows = _rows(text, spec)
     if len(rows) < 2:
         raise DataError(f"{spec!r} has no rows under its header")

@@ -78,6 +78,19 @@ def softmax_cross_entropy_backward(cache):
     return dz
 
 
+def copy_params(params: dict, arrays: dict) -> None:
+    """Copy arrays[k] into each live params[k], all or nothing: every name and shape is checked
+    before anything is written."""
+    missing = [k for k in params if k not in arrays]
+    if missing:
+        raise ValueError(f"missing parameter(s): {', '.join(missing)}")
+    for k, p in params.items():
+        if tuple(arrays[k].shape) != p.shape:
+            raise ValueError(f"parameter {k} has shape {tuple(arrays[k].shape)}, expected {p.shape}")
+    for k, p in params.items():
+        p[...] = arrays[k]
+
+
 # ---- the model ---------------------------------------------------------------------------------
 
 class LanguageModel:
@@ -169,14 +182,7 @@ class LanguageModel:
 
     def load_params(self, arrays: dict) -> None:
         """Copy arrays into the parameters (names as in self.params); shapes are checked first."""
-        missing = [k for k in self.params if k not in arrays]
-        if missing:
-            raise ValueError(f"missing parameter(s): {', '.join(missing)}")
-        for k, p in self.params.items():
-            if tuple(arrays[k].shape) != p.shape:
-                raise ValueError(f"parameter {k} has shape {tuple(arrays[k].shape)}, expected {p.shape}")
-        for k, p in self.params.items():
-            p[...] = arrays[k]
+        copy_params(self.params, arrays)
 
     # -- forward / backward
     def forward(self, ids, state=None):

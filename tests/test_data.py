@@ -86,3 +86,16 @@ def test_stream_chunks_predict_every_id_but_the_first_once_in_order():
     assert all(x.shape == y.shape and x.shape[1] == 1 and x.shape[0] <= 7 for x, y in chunks)
     np.testing.assert_array_equal(np.concatenate([y[:, 0] for _, y in chunks]), ids[1:])
     np.testing.assert_array_equal(np.concatenate([x[:, 0] for x, _ in chunks]), ids[:-1])
+
+
+def test_devices_and_fifos_are_refused_before_they_are_read(tmp_path):
+    import os
+    with pytest.raises(DataError, match="not a regular file"):
+        read_text("/dev/zero")                    # reading it would never end
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="not a regular file"):
+        read_text(str(fifo))                      # opening it would wait for a writer
+    from lstmkit.labelled import read_labelled
+    with pytest.raises(DataError, match="not a regular file"):
+        read_labelled(str(fifo))
