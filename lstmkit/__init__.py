@@ -7,7 +7,7 @@ not wait for NumPy and Numba to load.
 """
 
 __version__ = "0.1.0"
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "no_grad"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "no_grad", "utils"]
 
 
 def __getattr__(name):

@@ -35,6 +35,7 @@ import warnings
 import numpy as np
 
 from . import contexts, functional, gru, packed
+from . import utils  # noqa: F401 - lstmkit.utils (.rnn: pack_padded_sequence, ...), as torch.nn.utils
 from .contexts import NO_GRAD, as_parameter, is_grad_enabled, no_grad  # noqa: F401 - no_grad re-exported
 from .utils.rnn import PackedSequence
 
@@ -303,9 +304,8 @@ class _RNNBase(_Module):
         return x, batched, None
 
     def _prepare_packed(self, seq):
-        """A PackedSequence checked as torch does (data (N, I) of the weights' dtype) and as torch
-        does not (batch_sizes, N = Σ batch_sizes, indices of length B: torch fails later, or not at
-        all). Returns x (T, B, I) on the sorted grid (packed.py), True, and the packing.
+        """A PackedSequence's data checked as torch checks it ((N, I), the weights' dtype), its
+        layout by packed.packing. Returns x (T, B, I) on the sorted grid, True, and the packing.
         batch_first does not apply: a PackedSequence has one layout, as in torch."""
         data = np.asarray(seq.data)
         self._check_input_dtype(data)
@@ -315,24 +315,8 @@ class _RNNBase(_Module):
         if data.shape[1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {data.shape[1]}")
-        bs = np.asarray(seq.batch_sizes)
-        if bs.ndim != 1 or bs.size == 0:
-            raise RuntimeError(f"{self._name}: batch_sizes must be a non-empty 1-D array, got shape {bs.shape}")
-        bs = packed.check_batch_sizes(bs, bs.shape[0], int(bs[0]))
-        if data.shape[0] != bs.sum():
-            raise RuntimeError(f"{self._name}: the PackedSequence's data has {data.shape[0]} rows but its "
-                               f"batch_sizes add up to {int(bs.sum())}")
-        for name in ("sorted_indices", "unsorted_indices"):
-            idx = getattr(seq, name)
-            if idx is not None and np.shape(idx) != (bs[0],):
-                raise RuntimeError(f"{self._name}: {name} must have one entry per sequence, shape "
-                                   f"({int(bs[0])},), got {np.shape(idx)}")
-        # uniform: every sequence runs all T steps (a bucketed batch); the grid is then the plain
-        # (T, B) input and the layers run as for it, with no row bookkeeping at all
-        packing = {"batch_sizes": seq.batch_sizes, "bs": bs, "lengths": packed.lengths_of(bs),
-                   "sorted": seq.sorted_indices, "unsorted": seq.unsorted_indices,
-                   "uniform": bool(bs[-1] == bs[0])}
-        return packed.to_grid(data, bs), True, packing
+        packing = packed.packing(seq, self._name)
+        return packed.to_grid(data, packing["bs"]), True, packing
 
     def _prepare_state(self, state, name, size, batched, N, packing=None):
         """Check one of h_0 / c_0 as torch does; return it as (num_layers*D, N, size). For a packed
@@ -510,7 +494,7 @@ class _RNNBase(_Module):
         saved = ctx.saved
         batched, packing = saved["batched"], saved["packing"]
         if packing is not None:
-            grad_output = self._packed_grad(grad_output, packing)
+            grad_output = packed.grad_data(grad_output, packing, self._name)
         dy = self._grad_in(grad_output, "grad_output", saved["out_shape"])
         dh_n = self._grad_in(grad_h_n, "grad_h_n", self._state_shape(self._P, saved))
         dc_n = None if self.mode != "LSTM" else \
@@ -531,16 +515,6 @@ class _RNNBase(_Module):
             return (dx, *(None if g is None else packed.unsort_batch(g, packing["unsorted"]) for g in (dh0, dc0)))
         return self._finish_output(dx, batched), self._state_out(dh0, batched), \
             None if dc0 is None else self._state_out(dc0, batched)
-
-    def _packed_grad(self, grad, packing):
-        """grad_output of a packed forward: a PackedSequence like the output (its data is taken), or
-        its data array (N, D*P), or None."""
-        if not isinstance(grad, PackedSequence):
-            return grad
-        if not np.array_equal(np.asarray(grad.batch_sizes), packing["bs"]):
-            raise RuntimeError(f"{self._name}.backward: grad_output must be packed like the output, "
-                               f"batch_sizes {packing['bs'].tolist()}, got {np.asarray(grad.batch_sizes).tolist()}")
-        return grad.data
 
     def _state_shape(self, size, saved):
         full = (self.num_layers * self._D, saved["N"], size)

@@ -16,10 +16,15 @@ padding): reverse_within_lengths reverses each sequence inside its own length, k
 order and hence batch_sizes, and is its own inverse, so the same call maps the reverse layer's
 output back.
 
-Layers that know nothing of batch_sizes (functional/kernels LSTM and RNN) are run over a packed
+Layers written for full batches (functional.py's textbook LSTM and RNN) are run over a packed
 batch by packed_layer_forward/backward: the steps are cut where batch_sizes changes, and each run
 of equal batch size is one ordinary layer call on its active rows only, carrying the state rows
 from one call to the next. The cost is the real tokens plus one call per distinct batch size.
+The fused layers (kernels.py, gru.py) take batch_sizes themselves and keep the real rows packed.
+
+Modules (modules.py) take a PackedSequence through packing (its layout, checked), to_grid /
+from_grid (data <-> the sorted grid), sort_batch / unsort_batch (states in the user's order, as
+torch permutes them) and reverse_within_lengths (the reverse direction).
 """
 
 import numpy as np
@@ -39,6 +44,38 @@ def check_batch_sizes(batch_sizes, T, B):
         raise RuntimeError(f"Expected batch_sizes non-increasing from batch_size={B} down to at "
                            f"least 1, got {bs.tolist()}")
     return bs
+
+
+def packing(seq, name):
+    """What a module keeps of a PackedSequence input: its layout, checked where torch fails later
+    or not at all (batch_sizes, N = Σ batch_sizes, indices of length B), RuntimeError naming it.
+    "uniform": every sequence runs all T steps (a bucketed batch): its grid is then a plain (T, B)
+    input, and the layers run as for one, with no row bookkeeping at all."""
+    bs = np.asarray(seq.batch_sizes)
+    if bs.ndim != 1 or bs.size == 0:
+        raise RuntimeError(f"{name}: batch_sizes must be a non-empty 1-D array, got shape {bs.shape}")
+    bs = check_batch_sizes(bs, bs.shape[0], int(bs[0]))
+    if np.shape(seq.data)[0] != bs.sum():
+        raise RuntimeError(f"{name}: the PackedSequence's data has {np.shape(seq.data)[0]} rows but its "
+                           f"batch_sizes add up to {int(bs.sum())}")
+    for field in ("sorted_indices", "unsorted_indices"):
+        idx = getattr(seq, field)
+        if idx is not None and np.shape(idx) != (bs[0],):
+            raise RuntimeError(f"{name}: {field} must have one entry per sequence, shape "
+                               f"({int(bs[0])},), got {np.shape(idx)}")
+    return {"batch_sizes": seq.batch_sizes, "bs": bs, "lengths": lengths_of(bs), "uniform": bool(bs[-1] == bs[0]),
+            "sorted": seq.sorted_indices, "unsorted": seq.unsorted_indices}
+
+
+def grad_data(grad, packing, name):
+    """A gradient given for a packed output: a PackedSequence packed like it (its data is taken),
+    or already its data (N, ·), or None."""
+    if not isinstance(grad, PackedSequence):
+        return grad
+    if not np.array_equal(np.asarray(grad.batch_sizes), packing["bs"]):
+        raise RuntimeError(f"{name}.backward: grad_output must be packed like the output, batch_sizes "
+                           f"{packing['bs'].tolist()}, got {np.asarray(grad.batch_sizes).tolist()}")
+    return grad.data
 
 
 def lengths_of(batch_sizes):

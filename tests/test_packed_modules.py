@@ -334,3 +334,13 @@ def test_wrong_h0_batch_with_unsorted_input_is_refused_where_torch_goes_on():
     twin(_tp(UNSORTED), torch.zeros(1, 5, H))         # torch goes on
     with pytest.raises(RuntimeError, match=r"\(1, 3, 4\), got \[1, 5, 4\]"):
         GRU(I, H)(UNSORTED, np.zeros((1, 5, H), np.float32))
+
+
+def test_exports():
+    """lstmkit.GRU, lstmkit.GRUCell, and lstmkit.utils.rnn's functions under torch's names."""
+    import lstmkit.utils.rnn as ours
+    assert lstmkit.utils.rnn is ours and lstmkit.GRU is GRU and lstmkit.GRUCell.__name__ == "GRUCell"
+    assert set(ours.__all__) == {n for n in dir(trnn) if n in ours.__all__}
+    for name in ("pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "unpack_sequence",
+                 "pad_sequence", "unpad_sequence", "PackedSequence", "invert_permutation"):
+        assert name in ours.__all__ and hasattr(trnn, name), name
