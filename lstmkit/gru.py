@@ -47,7 +47,7 @@ from .packed import check_batch_sizes
 try:
     from numba import njit
 
-    from .kernels import _JIT, _mm, _sigmoid, _single_blas_thread, _tanh   # installs the jit cache
+    from .kernels import _JIT, _dot, _mm, _sigmoid, _single_blas_thread, _tanh   # installs the jit cache
     AVAILABLE = True
 except ImportError:  # the reference runs instead
     AVAILABLE = False
@@ -130,7 +130,9 @@ def reference_backward(dout, dh_T, cache):
 # for everything element-wise, and the weight gradients as one product each after the loop.
 # Internally the real rows are kept packed, (N, ·), step t being rows [start[t], start[t+1]):
 # every product then runs over real tokens only, and without batch_sizes the packed rows are
-# simply the (T*B, ·) reshape of the grid, so one code path serves both.
+# simply the (T*B, ·) reshape of the grid, so one code path serves both. One sequence (B == 1, a
+# generating sampler) runs all its steps in one compiled call instead (_gru_forward_b1: ~11 µs a
+# step at H = 128 against ~18 µs for BLAS and kernel calls), with the same cache.
 if AVAILABLE:
     @njit(**_JIT)
     def _gru_fwd_row(a, rec, b_ih, b_hh, hp, hn, h):
@@ -182,6 +184,31 @@ if AVAILABLE:
             _gru_bwd_row(gates[m], ha_n[m], h_prev[m], dy[m], dhz[m], dhr[m], dxa[m], dha[m])
 
 
+    @njit(**_JIT)
+    def _gru_forward_b1(x, h0, W_ih, W_hh, b_ih, b_hh, gates, fill, save):
+        """B == 1 (generation): all T steps in one compiled call, since at this size each NumPy
+        call costs what a step does. x (T, I), h0 (H,); gates (T, G): x W_ih^T from one BLAS
+        product, or (fill, for one step) computed here as dot products with W_ih's rows. The
+        recurrent product is G dot products with W_hh's rows. Returns ha_n (T, H, or 1 row
+        without save) and h (T, H); gates now hold r, z, n."""
+        T = x.shape[0]
+        G, H = W_hh.shape
+        ha_n = np.empty((T if save else 1, H), x.dtype)
+        h = np.empty((T, H), x.dtype)
+        rec = np.empty(G, x.dtype)
+        hp = h0
+        for t in range(T):
+            a = gates[t]
+            if fill:
+                for r in range(G):
+                    a[r] = _dot(W_ih[r], x[t])
+            for r in range(G):
+                rec[r] = _dot(W_hh[r], hp)
+            _gru_fwd_row(a, rec, b_ih, b_hh, hp, ha_n[t if save else 0], h[t])
+            hp = h[t]
+        return ha_n, h
+
+
 def _packing(batch_sizes, T, B):
     """(start (T+1,), rows): step t is packed rows [start[t], start[t+1]); rows are the flat
     (T*B) grid indices of the real rows in packed order, None without batch_sizes."""
@@ -203,21 +230,11 @@ def fused_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None, *, 
     bh = np.zeros(G, dt) if b_hh is None else np.ascontiguousarray(b_hh, dt)
     start, rows = _packing(batch_sizes, T, B)
     xr = x.reshape(T * B, I) if rows is None else x.reshape(T * B, I)[rows]     # (N, I)
-    N = xr.shape[0]
-    gates = _mm(xr, W_ih.T)                 # (N, G): x W_ih^T, turned into r, z, n in place
-    # ha_n is kept for backward; without one, a (B, H) scratch takes each step's in turn.
-    ha_n = np.empty((N if save else B, H), dt)
-    h = np.empty((N, H), dt)                # h_t of every real row
-    rec = np.empty((B, G), dt)
-    h_prev = h0
-    with _single_blas_thread(B * H * G):
-        for t in range(T):
-            s, e = start[t], start[t + 1]
-            n = e - s                       # the running rows are a prefix of the previous step's
-            np.matmul(h_prev[:n], W_hh.T, out=rec[:n])
-            _gru_fwd_step(gates[s:e], rec[:n], bi, bh, h_prev[:n], ha_n[s:e] if save else ha_n[:n],
-                          h[s:e])
-            h_prev = h[s:e]
+    if B == 1:   # one sequence: its steps in one compiled call; the cache is the same either way
+        gates = _mm(xr, W_ih.T) if T > 1 else np.empty((1, G), dt)
+        ha_n, h = _gru_forward_b1(xr, h0[0], W_ih, W_hh, bi, bh, gates, T == 1, save)
+    else:
+        gates, ha_n, h = _fused_loop(xr, h0, W_ih, W_hh, bi, bh, start, save)
     if rows is None:
         out = h.reshape(T, B, H)
         h_T = out[-1].copy()
@@ -233,6 +250,30 @@ def fused_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None, *, 
              "has_b_ih": b_ih is not None, "has_b_hh": b_hh is not None, "start": start,
              "rows": rows, "gates": gates, "ha_n": ha_n, "h": h}
     return out, h_T, cache
+
+
+def _fused_loop(xr, h0, W_ih, W_hh, bi, bh, start, save):
+    """B > 1: the input projection of every real row in one product, then per step one product
+    for h_{t-1} W_hh^T and one compiled call. Returns gates (N, G), ha_n (N, H; (B, H) scratch
+    without save), h (N, H), each over the packed rows."""
+    B, H = h0.shape
+    G, N = W_hh.shape[0], xr.shape[0]
+    dt = xr.dtype
+    gates = _mm(xr, W_ih.T)                 # (N, G): x W_ih^T, turned into r, z, n in place
+    # ha_n is kept for backward; without one, a (B, H) scratch takes each step's in turn.
+    ha_n = np.empty((N if save else B, H), dt)
+    h = np.empty((N, H), dt)                # h_t of every real row
+    rec = np.empty((B, G), dt)
+    h_prev = h0
+    with _single_blas_thread(B * H * G):
+        for t in range(start.shape[0] - 1):
+            s, e = start[t], start[t + 1]
+            n = e - s                       # the running rows are a prefix of the previous step's
+            np.matmul(h_prev[:n], W_hh.T, out=rec[:n])
+            _gru_fwd_step(gates[s:e], rec[:n], bi, bh, h_prev[:n], ha_n[s:e] if save else ha_n[:n],
+                          h[s:e])
+            h_prev = h[s:e]
+    return gates, ha_n, h
 
 
 def _lengths(start):

@@ -411,7 +411,7 @@ class _RNNBase(_Module):
         backward needs ({"caches", "masks"}), or None when save is False (no_grad)."""
         D, L_ = self._D, self.num_layers
         bs = None if packing is None or packing["uniform"] else packing["bs"]
-        flip = self._flip(packing)
+        flip = self._flip(packing) if D == 2 else None   # (a generating sampler runs this every token)
         h_n = np.empty_like(h0)
         c_n = np.empty_like(c0) if c0 is not None else None
         caches, masks = [], []

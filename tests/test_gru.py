@@ -276,3 +276,26 @@ def test_save_false_gives_the_same_numbers_and_no_cache(path, lengths):
     assert cache is not None and cache2 is None
     np.testing.assert_array_equal(out2, out)
     np.testing.assert_array_equal(h_T2, h_T)
+
+
+@pytest.mark.skipif("fused" not in PATHS, reason="numba not importable")
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_batch_one_compiled_path_with_and_without_save(T, dtype):
+    """B == 1 runs every step in one compiled call (dot products with the weight rows); with and
+    without save it gives the reference's numbers, and its cache serves the usual backward."""
+    rng = np.random.default_rng(T)
+    I, H = 4, 9
+    x, h0 = rng.standard_normal((T, 1, I)).astype(dtype), rng.standard_normal((1, H)).astype(dtype)
+    params = _weights(rng, I, H, dtype)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-4, atol=2e-5)
+    want = gru.reference_forward(x, h0, *params)
+    for save in (True, False):
+        got = gru.fused_forward(x, h0, *params, save=save)
+        np.testing.assert_allclose(got[0], want[0], **tol)
+        np.testing.assert_allclose(got[1], want[1], **tol)
+        assert (got[2] is None) == (not save)
+    dout, dh = rng.standard_normal((T, 1, H)).astype(dtype), rng.standard_normal((1, H)).astype(dtype)
+    got_cache = gru.fused_forward(x, h0, *params)[2]
+    for g, w in zip(gru.fused_backward(dout, dh, got_cache), gru.reference_backward(dout, dh, want[2])):
+        np.testing.assert_allclose(g, w, **tol)
