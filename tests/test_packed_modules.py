@@ -344,3 +344,15 @@ def test_exports():
     for name in ("pack_padded_sequence", "pad_packed_sequence", "pack_sequence", "unpack_sequence",
                  "pad_sequence", "unpad_sequence", "PackedSequence", "invert_permutation"):
         assert name in ours.__all__ and hasattr(trnn, name), name
+
+
+def test_the_backend_fixture_switches_the_gru_modules_too(backend):
+    """gru.py picks its path by LSTMKIT_REFERENCE as modules do, so every GRU test above runs
+    both paths under the backend fixture."""
+    want = "reference" if backend == "reference" else "fused"
+    gru = GRU(I, H, dtype=np.float64, seed=0)
+    _, _, ctx = gru(np.zeros((2, 3, I)), return_ctx=True)
+    _, _, packed_ctx = gru(_packed_case()[1], return_ctx=True)
+    cell = lstmkit.GRUCell(I, H, dtype=np.float64, seed=0)
+    _, cell_ctx = cell(np.zeros((3, I)), return_ctx=True)
+    assert {c.caches[0][0]["path"] for c in (ctx, packed_ctx, cell_ctx)} == {want}
