@@ -47,7 +47,8 @@ from .packed import check_batch_sizes
 try:
     from numba import njit
 
-    from .kernels import _JIT, _dot, _mm, _sigmoid, _single_blas_thread, _tanh   # installs the jit cache
+    from .kernels import (_JIT, _dot, _mm, _sigmoid, _single_blas_thread, _tanh,   # installs the jit cache
+                          _threads_per_step)
     AVAILABLE = True
 except ImportError:  # the reference runs instead
     AVAILABLE = False
@@ -265,8 +266,9 @@ def _fused_loop(xr, h0, W_ih, W_hh, bi, bh, start, save):
     h = np.empty((N, H), dt)                # h_t of every real row
     rec = np.empty((B, G), dt)
     h_prev = h0
-    with _single_blas_thread(B * H * G):
+    with _single_blas_thread(B * H * G), _threads_per_step(np.diff(start), H * G) as threads:
         for t in range(start.shape[0] - 1):
+            threads.at(t)
             s, e = start[t], start[t + 1]
             n = e - s                       # the running rows are a prefix of the previous step's
             np.matmul(h_prev[:n], W_hh.T, out=rec[:n])
@@ -297,8 +299,9 @@ def fused_backward(dout, dh_T, cache):
     # kernel, dhr = dha W_hh from BLAS. Rows that have not started (going backwards) keep dh_T.
     dhz = np.zeros((B, H), dt) if dh_T is None else np.array(dh_T, dtype=dt, order="C")
     dhr = np.zeros((B, H), dt)
-    with _single_blas_thread(B * H * G):
+    with _single_blas_thread(B * H * G), _threads_per_step(np.diff(start), H * G) as threads:
         for t in range(T - 1, -1, -1):
+            threads.at(t)
             s, e = start[t], start[t + 1]
             n = e - s
             h_prev = h0 if t == 0 else h[start[t - 1] : start[t - 1] + n]

@@ -412,6 +412,36 @@ class _single_blas_thread:
                     _BLAS_THREADS[1](cls._saved)
 
 
+class _threads_per_step:
+    """with _threads_per_step(bs, macs_per_row) as threads: ... threads.at(t) in a packed time loop:
+    BLAS on one thread for the steps whose recurrent product (bs[t] rows) is under SMALL_PRODUCT,
+    as _single_blas_thread decides for a whole call. A packed batch's last steps are few rows: on
+    all threads they would pay the cost small products pay there. batch_sizes never increase, so
+    a loop switches once (forward: to one thread; backward: back)."""
+
+    __slots__ = ("small", "ctx")
+
+    def __init__(self, bs, macs_per_row):
+        self.small = np.asarray(bs) * macs_per_row < SMALL_PRODUCT
+        self.ctx = None
+
+    def at(self, t):
+        if self.small[t] and self.ctx is None:
+            self.ctx = _single_blas_thread(0)
+            self.ctx.__enter__()
+        elif not self.small[t] and self.ctx is not None:
+            self.ctx.__exit__()
+            self.ctx = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__()
+            self.ctx = None
+
+
 def _mm(a, b, out=None):
     """a @ b for 2-D a, b; small products on one BLAS thread (see SMALL_PRODUCT)."""
     with _single_blas_thread(a.shape[0] * a.shape[1] * b.shape[1]):
@@ -653,8 +683,9 @@ def _lstm_forward_packed(x, h0, c0, W_ih, W_hh, bias, W_hr, has_bias, bs, save):
     m = np.empty((N, H), dt) if proj else h           # without projection m_t is h_t
     rec = np.empty((B, G), dt)
     h_prev, c_prev = h0, c0
-    with _single_blas_thread(B * P * G):
+    with _single_blas_thread(B * P * G), _threads_per_step(bs, P * G) as threads:
         for t in range(T):
+            threads.at(t)
             s, e = start[t], start[t + 1]
             n = e - s
             np.matmul(h_prev[:n], W_hh.T, out=rec[:n])
@@ -686,8 +717,9 @@ def _lstm_backward_packed(dout, dh_T, dc_T, cache):
     dc = np.zeros((B, H), dt) if dc_T is None else np.array(dc_T, dtype=dt, order="C")
     dh_all = np.empty((N, P), dt) if proj else None
     dm, zeros_H = (np.empty((B, H), dt), np.zeros((B, H), dt)) if proj else (None, None)
-    with _single_blas_thread(B * P * G):
+    with _single_blas_thread(B * P * G), _threads_per_step(cache["bs"], P * G) as threads:
         for t in range(T - 1, -1, -1):
+            threads.at(t)
             s, e = start[t], start[t + 1]
             n = e - s
             c_prev = c0 if t == 0 else c[start[t - 1] : start[t - 1] + n]
@@ -727,8 +759,9 @@ def _rnn_forward_packed(x, h0, W_ih, W_hh, bias, has_bias, nonlinearity, bs, sav
     rec = np.empty((B, H), x.dtype)
     relu = nonlinearity == "relu"
     h_prev = h0
-    with _single_blas_thread(B * H * H):
+    with _single_blas_thread(B * H * H), _threads_per_step(bs, H * H) as threads:
         for t in range(T):
+            threads.at(t)
             s, e = start[t], start[t + 1]
             np.matmul(h_prev[: e - s], W_hh.T, out=rec[: e - s])
             _rnn_fwd_step(h[s:e], rec[: e - s], bias, relu)
@@ -752,8 +785,9 @@ def _rnn_backward_packed(dout, dh_T, cache):
     dy = _c(dout, dt).reshape(T * B, H)[cache["rows"]]
     da = np.empty((N, H), dt)
     dh = np.zeros((B, H), dt) if dh_T is None else np.array(dh_T, dtype=dt, order="C")
-    with _single_blas_thread(B * H * H):
+    with _single_blas_thread(B * H * H), _threads_per_step(cache["bs"], H * H) as threads:
         for t in range(T - 1, -1, -1):
+            threads.at(t)
             s, e = start[t], start[t + 1]
             _rnn_bwd_step(h[s:e], dy[s:e], dh[: e - s], relu, da[s:e])
             np.matmul(da[s:e], W_hh, out=dh[: e - s])

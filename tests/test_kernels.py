@@ -300,3 +300,35 @@ def test_packed_lstm_and_rnn_match_the_reference_segment_runner(case, bias, dtyp
         for name, gg, ww in zip(["dx", "dh0", "dW_ih", "dW_hh", "db"], K.rnn_layer_backward(d_out, d_h, got[2]),
                                 F.rnn_layer_backward(d_out, d_h, want[2])):
             _close(gg, ww, dtype, f"{nl} {name}")
+
+
+def test_packed_loops_put_small_steps_on_one_blas_thread_and_restore_the_count():
+    """A packed batch's big first steps keep all BLAS threads, its few-row last steps run on one
+    (forward: the switch going down the steps; backward: back up); the caller's count returns."""
+    if K._BLAS_THREADS is None:
+        pytest.skip("NumPy's BLAS is not OpenBLAS: no thread control")
+    from lstmkit import gru
+    get, set_ = K._BLAS_THREADS
+    before = get()
+    seen = []
+    real_matmul = np.matmul
+    try:
+        set_(2)
+        H = 64                                          # 4H * H = 16384 multiply-adds per row
+        bs = np.array([200, 200, 100, 3, 1])            # 200 rows: above SMALL_PRODUCT; 3: below
+        rng = np.random.default_rng(6)
+        a = _lstm_inputs(rng, 5, 200, 4, H, H, np.float32, True)
+        np.matmul = lambda *args, **kw: (seen.append((args[0].shape[0], get())), real_matmul(*args, **kw))[1]
+        out, _, _, cache = K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"],
+                                                batch_sizes=bs)
+        K.lstm_layer_backward(np.ones_like(out), None, None, cache)
+        gcache = gru.fused_forward(a["x"], a["h0"], a["W_ih"][: 3 * H], a["W_hh"][: 3 * H], batch_sizes=bs)[2]
+        gru.fused_backward(np.ones((5, 200, H), np.float32), None, gcache)
+        np.matmul = real_matmul
+        assert get() == 2
+        assert {threads for rows, threads in seen if rows == 200} == {2}
+        assert {threads for rows, threads in seen if rows in (3, 1)} == {1}
+        assert len([1 for rows, _ in seen if rows in (3, 1)]) == 8    # 2 steps x fwd/bwd x LSTM/GRU
+    finally:
+        np.matmul = real_matmul
+        set_(before)
