@@ -88,7 +88,8 @@ def model_kinds() -> dict:
     check_config(cfg) (ValueError for a bad value), from_config(cfg) and load_params(arrays)."""
     from .classifier import SequenceClassifier
     return {LanguageModel.FORMAT: LanguageModel, SequenceClassifier.FORMAT: SequenceClassifier}
-READ_ATTEMPTS = 3           # a state replaced while being read is read again from the new pointer
+READ_ATTEMPTS = 20          # a state replaced while being read is read again from the new pointer (a busy
+                            # machine can let a writer save several times during one read)
 
 
 # ---- writing ---------------------------------------------------------------------------------
