@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import CELLS, POOLS
-from .model import (copy_params, embedding_backward, embedding_forward, linear_backward, linear_forward,
+from .model import (ModelBase, embedding_backward, embedding_forward, linear_backward, linear_forward,
                     softmax_cross_entropy_backward, softmax_cross_entropy_forward)
 from .utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -84,7 +84,7 @@ def pool_backward(dv, cache):
 
 # ---- the model ----------------------------------------------------------------------------------
 
-class SequenceClassifier:
+class SequenceClassifier(ModelBase):
     """Classifies sequences of ids into C classes.
 
         model = SequenceClassifier(vocab_size=2000, num_classes=2, cell="lstm", bidirectional=True)
@@ -172,24 +172,10 @@ class SequenceClassifier:
                    cfg["bidirectional"], cfg["dropout"], cfg["embed_size"], cfg["pool"], seed=seed,
                    dtype=np.dtype(cfg.get("dtype", "float32")))
 
-    def num_parameters(self) -> int:
-        return sum(p.size for p in self.params.values())
-
     def train(self, mode=True):
         self.training = bool(mode)
         self.rnn.train(mode)
         return self
-
-    def eval(self):
-        return self.train(False)
-
-    def zero_grad(self):
-        for g in self.grads.values():
-            g[...] = 0.0
-
-    def load_params(self, arrays: dict) -> None:
-        """Copy arrays into the parameters (names as in self.params); shapes are checked first."""
-        copy_params(self.params, arrays)
 
     # -- forward / backward
     def _pad(self, seqs):

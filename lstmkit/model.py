@@ -91,9 +91,28 @@ def copy_params(params: dict, arrays: dict) -> None:
         p[...] = arrays[k]
 
 
+class ModelBase:
+    """What both models (this one and classifier.SequenceClassifier) do the same way with their
+    `params` and `grads` dicts (name -> live array)."""
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.params.values())
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g[...] = 0.0
+
+    def load_params(self, arrays: dict) -> None:
+        """Copy arrays into the parameters (names as in self.params); shapes are checked first."""
+        copy_params(self.params, arrays)
+
+
 # ---- the model ---------------------------------------------------------------------------------
 
-class LanguageModel:
+class LanguageModel(ModelBase):
     """embedding -> LSTM -> linear, trained with softmax cross-entropy.
 
         model = LanguageModel(vocab_size=65, hidden_size=128, num_layers=2, seed=0)
@@ -162,27 +181,13 @@ class LanguageModel:
         return cls(cfg["vocab_size"], cfg["hidden_size"], cfg["num_layers"], cfg["dropout"],
                    cfg["embed_size"], seed=seed, dtype=np.dtype(cfg.get("dtype", "float32")))
 
-    def num_parameters(self) -> int:
-        return sum(p.size for p in self.params.values())
-
     def train(self, mode=True):
         self.lstm.train(mode)
         return self
 
-    def eval(self):
-        return self.train(False)
-
-    def zero_grad(self):
-        for g in self.grads.values():
-            g[...] = 0.0
-
     def initial_state(self, batch_size):
         L, H = self.num_layers, self.hidden_size
         return (np.zeros((L, batch_size, H), self.dtype), np.zeros((L, batch_size, H), self.dtype))
-
-    def load_params(self, arrays: dict) -> None:
-        """Copy arrays into the parameters (names as in self.params); shapes are checked first."""
-        copy_params(self.params, arrays)
 
     # -- forward / backward
     def forward(self, ids, state=None):
