@@ -86,28 +86,36 @@ def _kind(st) -> str:
     return "not a regular file"
 
 
+OPEN_ATTEMPTS = 10      # a writer's os.replace between lstat and open is legitimate: look again
+
+
 def open_regular(d, name, limit):
-    """(fd, size) of d/name, a regular file of at most limit bytes, else CheckpointError."""
+    """(fd, size) of d/name, a regular file of at most limit bytes, else CheckpointError. The file
+    opened must be the one lstat saw (no symlink or device swapped in); when a writer atomically
+    replaced it in between (checkpoint.json on every save), it is looked at again."""
     p = os.path.join(d, name)
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
-        raise MissingFile(f"checkpoint {d!r} is incomplete: {name} is missing") from None
-    except OSError as e:
-        raise CheckpointError(f"checkpoint {d!r}: cannot read {name} ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"checkpoint {d!r} is corrupt: {name} is {_kind(st)}; "
-                              f"a checkpoint holds regular files only")
-    try:
-        fd = os.open(p, _O_READ)
-    except FileNotFoundError:
-        raise MissingFile(f"checkpoint {d!r} is incomplete: {name} is missing") from None
-    except OSError as e:
-        raise CheckpointError(f"checkpoint {d!r}: cannot read {name} ({e.strerror})") from None
-    fst = os.fstat(fd)
-    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
+    for _ in range(OPEN_ATTEMPTS):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            raise MissingFile(f"checkpoint {d!r} is incomplete: {name} is missing") from None
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {d!r}: cannot read {name} ({e.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"checkpoint {d!r} is corrupt: {name} is {_kind(st)}; "
+                                  f"a checkpoint holds regular files only")
+        try:
+            fd = os.open(p, _O_READ)
+        except FileNotFoundError:
+            raise MissingFile(f"checkpoint {d!r} is incomplete: {name} is missing") from None
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {d!r}: cannot read {name} ({e.strerror})") from None
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino) and stat.S_ISREG(fst.st_mode):
+            break
         os.close(fd)
-        raise CheckpointError(f"checkpoint {d!r} is corrupt: {name} changed while it was being opened")
+    else:
+        raise CheckpointError(f"checkpoint {d!r} is corrupt: {name} kept changing while it was being opened")
     if fst.st_size > limit:
         os.close(fd)
         raise CheckpointError(f"checkpoint {d!r} is corrupt: {name} has {fst.st_size} bytes; "
