@@ -116,6 +116,18 @@ class _CellBase(_Module):
             self.grads["bias_ih"] += db_ih
             self.grads["bias_hh"] += db_ih if db_hh is None else db_hh
 
+    def _backward_h(self, grad_state, ctx, retain, layer_backward):
+        """The backward of a one-state cell (RNNCell, GRUCell): a one-step layer backward
+        layer_backward(saved, dout, dh, cache) -> (dx, dh0, dW_ih, dW_hh, db_ih[, db_hh])."""
+        ctx = contexts.take(self, ctx)
+        saved = ctx.saved
+        dh = self._grad_in(grad_state, "grad_h", saved)
+        dx, dh0, *dparams = layer_backward(saved, np.zeros_like(dh)[None], dh, saved["cache"])
+        self._accumulate(*dparams)
+        contexts.done(ctx, retain)
+        dx = dx[0]
+        return (dx, dh0) if saved["batched"] else (dx[0], dh0[0])
+
     def _given(self, input, hx):
         states = hx if isinstance(hx, (tuple, list)) else (hx,)
         labels = ("hx[0]", "hx[1]") if len(states) == 2 else ("hx",)
@@ -184,14 +196,8 @@ class RNNCell(_CellBase):
 
     def backward(self, grad_state=None, *, ctx=None, retain=False):
         """grad_x, grad_h of a forward (the latest one's, or ctx's) from grad_state = grad_h'."""
-        ctx = contexts.take(self, ctx)
-        saved = ctx.saved
-        dh = self._grad_in(grad_state, "grad_h", saved)
-        dx, dh0, dW_ih, dW_hh, db = saved["backend"].rnn_layer_backward(np.zeros_like(dh)[None], dh, saved["cache"])
-        self._accumulate(dW_ih, dW_hh, db)
-        contexts.done(ctx, retain)
-        dx = dx[0]
-        return (dx, dh0) if saved["batched"] else (dx[0], dh0[0])
+        return self._backward_h(grad_state, ctx, retain,
+                                lambda saved, *args: saved["backend"].rnn_layer_backward(*args))
 
 
 class GRUCell(_CellBase):
@@ -217,11 +223,4 @@ class GRUCell(_CellBase):
 
     def backward(self, grad_state=None, *, ctx=None, retain=False):
         """grad_x, grad_h of a forward (the latest one's, or ctx's) from grad_state = grad_h'."""
-        ctx = contexts.take(self, ctx)
-        saved = ctx.saved
-        dh = self._grad_in(grad_state, "grad_h", saved)
-        dx, dh0, dW_ih, dW_hh, db_ih, db_hh = gru.gru_layer_backward(np.zeros_like(dh)[None], dh, saved["cache"])
-        self._accumulate(dW_ih, dW_hh, db_ih, db_hh)
-        contexts.done(ctx, retain)
-        dx = dx[0]
-        return (dx, dh0) if saved["batched"] else (dx[0], dh0[0])
+        return self._backward_h(grad_state, ctx, retain, lambda saved, *args: gru.gru_layer_backward(*args))
