@@ -18,6 +18,7 @@ F1_k = 2 precision_k recall_k / (precision_k + recall_k) (0 when undefined), acc
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -45,7 +46,7 @@ def _add_train(sub):
     a("--embed-size", type=int, help=f"default {d.embed_size}")
     a("--hidden-size", type=int, help=f"default {d.hidden_size}")
     a("--num-layers", type=int, help=f"default {d.num_layers}")
-    a("--bidirectional", action=argparse_bool(), help=f"read both ways (default {d.bidirectional})")
+    a("--bidirectional", action=argparse.BooleanOptionalAction, help=f"read both ways (default {d.bidirectional})")
     a("--dropout", type=float, help=f"on the pooled features and between layers, default {d.dropout}")
     a("--pool", choices=C.POOLS, help=f"over time: each text's last step, max or mean, default {d.pool}")
     a("--batch-size", type=int, help=f"texts per step, default {d.batch_size}")
@@ -53,11 +54,6 @@ def _add_train(sub):
     a("--resume", metavar="DIR", help="continue the run saved in DIR (its hyperparameters are kept); "
                                       "--out defaults to DIR")
     add_run_flags(p, d, C.CLASSIFY_MINUTES, what="data")
-
-
-def argparse_bool():
-    import argparse
-    return argparse.BooleanOptionalAction
 
 
 def _add_eval(sub):

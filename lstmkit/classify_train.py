@@ -91,6 +91,7 @@ class ClassifierTrainer(TrainerBase):
             self._fresh()
         self._set_budget(overrides if ck is not None else {})
         self.items_per_step = cfg.batch_size
+        self._order, self._order_epoch = None, None      # the batches of the epoch being read
 
     # -- set-up -------------------------------------------------------------------------------
     def _load_data(self, ck, resume):
@@ -159,7 +160,7 @@ class ClassifierTrainer(TrainerBase):
     def _batch_loss(self):
         if self.chunk >= self.batches_per_epoch:
             self.epoch, self.chunk = self.epoch + 1, 0
-        if getattr(self, "_order_epoch", None) != self.epoch:
+        if self._order_epoch != self.epoch:
             self._order = bucket_batches(self.lengths, self.cfg.batch_size,
                                          np.random.default_rng([self.cfg.seed, self.epoch]))
             self._order_epoch = self.epoch

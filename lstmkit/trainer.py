@@ -79,6 +79,7 @@ class TrainerBase:
     higher_is_better = False    # bits/char: lower; accuracy: higher
     rate_unit = "items/s"       # the progress rate: items_per_step per second of training
     default_minutes = MAIN_JOB_MINUTES   # the budget when none of --steps/--epochs/--minutes is given
+    resume_command = "lstmkit train"     # printed after Ctrl-C: how to continue
 
     def __init__(self, out_dir, progress=True, out=None, err=None):
         self.out = out or sys.stdout
@@ -359,5 +360,3 @@ class TrainerBase:
 
     def _between_steps(self):
         """After validation, before the next step: the LM prints its samples here."""
-
-    resume_command = "lstmkit train"
