@@ -1,4 +1,4 @@
-"""Two versions of lstmkit/kernels.py (or gru.py) against each other: one layer's forward + backward.
+"""Two versions of the fused layers (kernels.py: lstm_fused.py, rnn_fused.py; or gru.py) against each other: one layer's forward + backward.
 
     git worktree add /tmp/base HEAD                      # the version to compare against
     python benchmarks/ab_kernels.py /tmp/base .          # base tree, candidate tree
@@ -6,8 +6,8 @@
     python benchmarks/ab_kernels.py /tmp/base . --mode gru          # gru.py's fused layer
 
 Each tree's file is loaded as a submodule of a package made up for that tree (lstmkit_ab_base,
-lstmkit_ab_candidate) whose path is the tree's lstmkit/ folder, so its relative imports (kernels.py's
-`from . import jit_cache`, gru.py's `from .kernels import ...`) load that tree's files, never the
+lstmkit_ab_candidate) whose path is the tree's lstmkit/ folder, so its relative imports (jit.py's
+`from . import jit_cache`, lstm_fused.py's `from .blas import ...`) load that tree's files, never the
 installed lstmkit's, and lstmkit/__init__.py is not run.
 
 Both kernels files are loaded into this one process and called alternately, call by call (the

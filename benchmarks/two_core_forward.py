@@ -9,7 +9,7 @@ at small sizes the second core does nothing useful. Here the whole time loop is 
 function with `parallel=True`, and every step is two OpenMP regions of two parts each:
     region 1: part p computes columns [p G/2, (p+1) G/2) of  h_{t-1} W_hh^T  with a one-thread
               OpenBLAS sgemm called from compiled code;
-    region 2: part p runs the fused gate kernel (kernels._lstm_fwd_row) on its half of the batch.
+    region 2: part p runs the fused gate kernel (lstm_fused._lstm_fwd_row) on its half of the batch.
 The input projection stays one product before the loop, on one BLAS thread, so that no OpenBLAS
 worker is left spinning beside the OpenMP threads.
 
@@ -36,10 +36,11 @@ SIZES = [(50, 32, 64, 128), (100, 32, 256, 256), (50, 50, 128, 128), (100, 64, 5
 
 def build(K):
     """The two-core forward, or None where this NumPy's BLAS is not the ILP64 scipy-openblas."""
+    from lstmkit import blas, lstm_fused
     import llvmlite.binding as llvm
     from numba import njit, prange, types
 
-    found = K._find_openblas()
+    found = blas._find_openblas()
     if found is None or found[1:] != ("scipy_openblas", "64_"):
         return None
     name = "scipy_cblas_sgemm64_"
@@ -49,7 +50,7 @@ def build(K):
     sgemm = types.ExternalFunction(name, types.void(i32, i32, i32, i64, i64, i64, f32, i64, i64,
                                                     i64, i64, f32, i64, i64))
     ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
-    fwd_row = K._lstm_fwd_row
+    fwd_row = lstm_fused._lstm_fwd_row
 
     @njit(nogil=True, fastmath=True, error_model="numpy", parallel=True)
     def loop(gates, bias, h0, c0, c, out, W_hh, rec):
@@ -71,7 +72,7 @@ def build(K):
     def forward(x, h0, c0, W_ih, W_hh, b):
         T, B, I = x.shape
         G, P = W_hh.shape
-        with K._single_blas_thread(0):      # macs 0: always one BLAS thread inside
+        with blas._single_blas_thread(0):      # macs 0: always one BLAS thread inside
             gates = np.matmul(x.reshape(T * B, I), W_ih.T).reshape(T, B, G)
             c = np.empty((T, B, G // 4), x.dtype)
             out = np.empty((T, B, P), x.dtype)

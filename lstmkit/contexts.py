@@ -158,9 +158,9 @@ def as_parameter(array):
 # ---------------------------------------------------------------------- contexts
 
 try:   # the vectorised hash of the fast path, when Numba is there
-    from .kernels import AVAILABLE as _FAST
+    from .jit import AVAILABLE as _FAST
     if _FAST:
-        from .kernels import _fingerprint_words
+        from .jit import _fingerprint_words
 except Exception:  # noqa: BLE001 - without the fast path, zlib's CRC-32 does the same job
     _FAST = False
 

@@ -47,8 +47,8 @@ from .packed import check_batch_sizes
 try:
     from numba import njit
 
-    from .kernels import (_JIT, _dot, _mm, _sigmoid, _single_blas_thread, _tanh,   # installs the jit cache
-                          _threads_per_step)
+    from .blas import _mm, _single_blas_thread, _threads_per_step
+    from .jit import _JIT, _dot, _sigmoid, _tanh   # importing jit installs the jit cache
     AVAILABLE = True
 except ImportError:  # the reference runs instead
     AVAILABLE = False

@@ -18,6 +18,7 @@ from lstmkit import functional as F
 K = pytest.importorskip("lstmkit.kernels")
 if not K.AVAILABLE:  # pragma: no cover - numba is a run-time dependency; this only guards odd installs
     pytest.skip("numba not importable: the fast path is off", allow_module_level=True)
+from lstmkit import blas, lstm_fused  # noqa: E402 - the pieces behind kernels.py, once Numba is known to import
 
 TOL = {np.float64: dict(rtol=1e-10, atol=1e-10), np.float32: dict(rtol=1e-4, atol=2e-5)}
 
@@ -149,7 +150,7 @@ def test_float32_tanh_and_sigmoid_accuracy():
     gates[0, H:2 * H] = 0                         # f = σ(0) = 0.5 (c_prev is 0 anyway)
     gates[0, 3 * H:] = 0                          # o = 0.5
     c, m = np.empty((B, H), np.float32), np.empty((B, H), np.float32)
-    K._lstm_fwd_step(gates, np.zeros_like(gates), np.zeros(4 * H, np.float32),
+    lstm_fused._lstm_fwd_step(gates, np.zeros_like(gates), np.zeros(4 * H, np.float32),
                      np.zeros((B, H), np.float32), c, m)
     x64 = x.astype(np.float64)
     assert np.all(np.isfinite(gates))
@@ -194,9 +195,9 @@ def test_lstm_matches_torch_float32():
 
 def test_blas_thread_count_is_restored():
     # Small products run on one OpenBLAS thread; the caller's setting must come back afterwards.
-    if K._BLAS_THREADS is None:
+    if blas._BLAS_THREADS is None:
         pytest.skip("NumPy's BLAS is not OpenBLAS: no thread control")
-    get, set_ = K._BLAS_THREADS
+    get, set_ = blas._BLAS_THREADS
     before = get()
     try:
         set_(2)
@@ -305,10 +306,10 @@ def test_packed_lstm_and_rnn_match_the_reference_segment_runner(case, bias, dtyp
 def test_packed_loops_put_small_steps_on_one_blas_thread_and_restore_the_count():
     """A packed batch's big first steps keep all BLAS threads, its few-row last steps run on one
     (forward: the switch going down the steps; backward: back up); the caller's count returns."""
-    if K._BLAS_THREADS is None:
+    if blas._BLAS_THREADS is None:
         pytest.skip("NumPy's BLAS is not OpenBLAS: no thread control")
     from lstmkit import gru
-    get, set_ = K._BLAS_THREADS
+    get, set_ = blas._BLAS_THREADS
     before = get()
     seen = []
     real_matmul = np.matmul
