@@ -124,6 +124,7 @@ class SequenceClassifier(ModelBase):
         self.grads.update({"rnn." + k: g for k, g in self.rnn.grads.items()})
         self._cache = None
 
+    RECURRENT = "rnn."       # the recurrent module's attribute and its key prefix in params and grads
     # -- what a checkpoint holds (checkpoint.py): config as JSON, arrays per safetensors file
     FORMAT = "lstmkit-classifier"
     ARRAY_FILES = {"rnn.safetensors": "rnn.", "model.safetensors": ""}       # file -> key prefix in params

@@ -8,6 +8,15 @@ Epoch e visits the training rows in batches of similar length (labelled.bucket_b
 order drawn from (seed, e): a resumed run continues at (epoch, batch) exactly.
 Validation reports accuracy; the best state by validation accuracy is kept beside the last.
 
+Under MPI (distributed.py) every rank draws the same batches and rank r takes rows [lo, hi) of each
+(np.array_split's shares, so a short last batch splits unevenly; the gradient of each share is
+weighted by its rows, so the step is the global batch's mean). A rank whose share of a tiny last
+batch is empty runs the batch's first row with weight 0, which keeps its dropout generator in step.
+Each rank draws the global batch's dropout masks and keeps its rows (batches are longest first,
+so a rank's rows are rows lo..hi-1 of the packed batch's sorted grid too), so N ranks train as one
+process does. Validation: each rank predicts a contiguous 1/N of the rows; the correct counts are
+summed (exactly one process's accuracy).
+
 Shape letters: N rows, B batch size, C classes.
 """
 
@@ -24,6 +33,7 @@ from . import __version__
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from .classifier import SequenceClassifier
 from .config import CLASSIFY_MINUTES, ClassifyConfig, validate_classify
+from .distributed import SlicedRNG, share, split
 from .labelled import bucket_batches, read_labelled, split_validation
 from .tokenizers import build_tokenizer
 from .train_state import check_training_state
@@ -82,6 +92,7 @@ class ClassifierTrainer(TrainerBase):
             cfg = resumed_config(ClassifyConfig, RESUMABLE, ck, resume, overrides)
         validate_classify(cfg)
         self.cfg = cfg
+        share(cfg.batch_size, self.world)                # under MPI: B must split evenly over the ranks
         self._load_data(ck, resume)                      # checked before anything is written
         self.run_id = ck["config"]["run_id"] if ck is not None else uuid.uuid4().hex
         self._check_out_dir(out_dir)
@@ -135,6 +146,13 @@ class ClassifierTrainer(TrainerBase):
         self.history = self._new_history()
         self.elapsed = 0.0
         self.first_loss = None
+        self._share_dropout()
+
+    def _share_dropout(self):
+        """Under MPI the head's and the RNN's dropout draw the global batch's masks (SlicedRNG)."""
+        if self.world.size > 1:
+            self.model.dropout_rng = SlicedRNG(self.model.dropout_rng, axis=0)               # (B, D*H)
+            self.model.rnn.dropout_rng = SlicedRNG(self.model.rnn.dropout_rng, axis=1)       # (T, B, D*H)
 
     def _restore(self, ck, resume):
         self.model = ck["model"]
@@ -149,6 +167,7 @@ class ClassifierTrainer(TrainerBase):
                                   f"({type(e).__name__}: {e})") from None
         self.step, self.epoch, self.chunk = st["step"], st["epoch"], st["chunk"]
         self.history, self.elapsed, self.first_loss = st["history"], st["elapsed_s"], st["first_loss"]
+        self._share_dropout()
 
     # -- the hooks of trainer.py's loop ---------------------------------------------------------
     def _chunks_per_epoch(self):
@@ -164,15 +183,36 @@ class ClassifierTrainer(TrainerBase):
             self._order = bucket_batches(self.lengths, self.cfg.batch_size,
                                          np.random.default_rng([self.cfg.seed, self.epoch]))
             self._order_epoch = self.epoch
-        rows = self._order[self.chunk]
+        rows = self._order[self.chunk]          # the global batch, longest first
         self.chunk += 1
+        if self.world.size > 1:
+            rows = self._my_rows(rows)
         return self.model.loss([self.train_ids[i] for i in rows], self.train_labels[rows])
+
+    def _my_rows(self, rows):
+        """This rank's rows of the global batch, its weight (self.share) and its dropout slices."""
+        lo, hi = split(len(rows), self.world.size, self.world.rank)
+        self.share = (hi - lo) / len(rows)
+        if hi == lo:                            # nothing left for this rank: a stand-in row, weight 0
+            lo, hi = 0, 1
+        steps = int(self.lengths[rows].max())
+        self.model.dropout_rng.set(len(rows), lo, hi)
+        self.model.rnn.dropout_rng.set(len(rows), lo, hi, steps)
+        return rows[lo:hi]
 
     def validate(self):
         if self.val_ids is None:
             return None
-        pred = predict_proba(self.model, self.val_ids).argmax(axis=1)
-        return float(np.mean(pred == self.val_labels))
+        if self.world.size == 1:
+            pred = predict_proba(self.model, self.val_ids).argmax(axis=1)
+            return float(np.mean(pred == self.val_labels))
+        lo, hi = split(len(self.val_ids), self.world.size, self.world.rank)
+        right = 0
+        if hi > lo:
+            pred = predict_proba(self.model, self.val_ids[lo:hi]).argmax(axis=1)
+            right = int(np.sum(pred == self.val_labels[lo:hi]))
+        right, count = self.world.sum([right, hi - lo])
+        return float(right / count)
 
     def save(self, best=False):
         state = {"step": self.step, "data_position": {"epoch": self.epoch, "chunk": self.chunk},

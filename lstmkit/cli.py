@@ -12,6 +12,10 @@
 Bad input (a missing or undecodable file, a bad hyperparameter, a broken checkpoint, ...) prints one
 line `lstmkit: error: ...` on stderr and exits with status 2, writing nothing; a training run that
 diverges exits with status 1; Ctrl-C / SIGTERM save the run and exit with 130 / 143.
+
+`mpiexec -n N lstmkit train ...` (and `classify train`) trains one model with N processes
+(distributed.py); an error is still one line, printed once for the whole job: by rank 0, or by the
+rank it happened on (named), which then ends the job.
 """
 
 from __future__ import annotations
@@ -206,13 +210,16 @@ def config_overrides(args, cls) -> dict:
 
 
 def run_trainer(trainer, err) -> int:
-    """Run a trainer; the exit status: 0 done, 1 stopped by the NaN guard, 128 + signal when stopped."""
+    """Run a trainer; the exit status: 0 done, 1 stopped by the NaN guard, 128 + signal when stopped,
+    2 when under MPI another rank's set-up failed (that rank has said why)."""
+    from .distributed import RanksDiffer, report_collective
     from .trainer import TrainingStopped
     try:
         result = trainer.run()
-    except TrainingStopped as e:
-        err.write(f"lstmkit: error: {e}\n")
-        return 1
+    except (TrainingStopped, RanksDiffer) as e:      # raised alike on every rank: said once
+        return report_collective(err, f"lstmkit: error: {e}", 1)
+    if result["status"] == "failed elsewhere":
+        return EXIT_USAGE
     if result["status"] == "interrupted":
         return 128 + int(result["signal"])
     return 0
@@ -298,15 +305,23 @@ def dispatch(parser, argv, handlers, out, err) -> int:
             return 0
         return handlers[args.command](args, out, err)
     except C.LMError as e:
-        err.write(f"lstmkit: error: {e}\n")
-        return EXIT_USAGE
+        return _fail(err, f"lstmkit: error: {e}")
     except OSError as e:   # e.g. no permission to write --out
         name = f" {e.filename!r}" if getattr(e, "filename", None) else ""
-        err.write(f"lstmkit: error: {e.strerror or e}{name}\n")
-        return EXIT_USAGE
+        return _fail(err, f"lstmkit: error: {e.strerror or e}{name}")
     except KeyboardInterrupt:
         err.write("lstmkit: interrupted\n")
         return 130
+
+
+def _fail(err, line) -> int:
+    """Print an error line and give exit status 2; under MPI once per job (distributed.report_failure)."""
+    if "lstmkit.distributed" not in sys.modules and not any(
+            k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        err.write(line + "\n")          # the usual case, without importing NumPy for it
+        return EXIT_USAGE
+    from .distributed import report_failure
+    return report_failure(err, line, EXIT_USAGE)
 
 
 def main(argv=None) -> int:

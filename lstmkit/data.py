@@ -9,7 +9,8 @@ Batches, as char-rnn makes them: the N ids are cut into B contiguous streams of 
 and the streams are walked in chunks of T, each chunk's targets one step ahead of its inputs,
     x_k = streams[:, kT : kT+T].T,  y_k = streams[:, kT+1 : kT+T+1].T          (T, B)
 so that stream b of chunk k+1 continues stream b of chunk k and the LSTM's h and c are carried
-from chunk to chunk.  Scoring reads a text as one stream (stream_chunks), never as B.  An epoch has K = (S - 1) // T chunks; after the last, the walk restarts at
+from chunk to chunk.  Under MPI a process walks only its rows [lo, hi) of the same B streams
+(distributed.py), so N processes together read exactly what one process reads.  Scoring reads a text as one stream (stream_chunks), never as B.  An epoch has K = (S - 1) // T chunks; after the last, the walk restarts at
 k = 0 with fresh (zero) states.
 
 Shape letters: N number of ids, B batch size (streams), S stream length, T chunk length, K chunks.
@@ -98,13 +99,18 @@ def make_streams(ids: np.ndarray, batch_size: int) -> np.ndarray:
 class BatchStream:
     """Chunks (x, y) of shape (T, B) walked in order; `position` (epoch, chunk) is saved for resuming."""
 
-    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, what: str = "training text"):
+    def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, what: str = "training text",
+                 rows: tuple[int, int] | None = None):
+        """rows: the streams [lo, hi) of the B this process walks (data-parallel training); all by default."""
         need = batch_size * (seq_len + 1)
         if len(ids) < need:
             raise DataError(f"the {what} has {len(ids)} tokens, fewer than one batch: --batch-size "
                             f"{batch_size} x (--seq-len {seq_len} + 1) = {need} are needed")
         self.B, self.T = batch_size, seq_len
         self.streams = make_streams(ids, batch_size)              # (B, S)
+        if rows is not None:
+            self.streams = self.streams[rows[0]:rows[1]]          # (b, S): this process's share
+        self.b = self.streams.shape[0]                            # b: streams walked here
         self.chunks_per_epoch = (self.streams.shape[1] - 1) // seq_len   # K
         self.epoch = 0
         self.chunk = 0

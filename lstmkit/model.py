@@ -109,6 +109,26 @@ class ModelBase:
         """Copy arrays into the parameters (names as in self.params); shapes are checked first."""
         copy_params(self.params, arrays)
 
+    def flatten_grads(self, extra: int = 0) -> np.ndarray:
+        """Move every gradient into one flat buffer of P + extra elements and make self.grads (and
+        the recurrent module's own grads, which backward adds into) views of it, values kept. Data
+        parallel training (distributed.py) then sums all gradients with one message instead of one
+        per parameter. Returns the buffer; its last `extra` elements are the caller's."""
+        dtypes = {g.dtype for g in self.grads.values()}
+        if len(dtypes) != 1:
+            raise ValueError(f"gradients of one dtype are needed for one flat buffer, got {sorted(map(str, dtypes))}")
+        flat = np.zeros(sum(g.size for g in self.grads.values()) + extra, dtype=dtypes.pop())
+        off = 0
+        for k, g in self.grads.items():
+            view = flat[off:off + g.size].reshape(g.shape)
+            view[...] = g
+            self.grads[k] = view
+            off += g.size
+        prefix, module = self.RECURRENT, getattr(self, self.RECURRENT.rstrip("."))
+        for k in module.grads:
+            module.grads[k] = self.grads[prefix + k]
+        return flat
+
 
 # ---- the model ---------------------------------------------------------------------------------
 
@@ -146,6 +166,7 @@ class LanguageModel(ModelBase):
         self.grads.update({"lstm." + k: g for k, g in self.lstm.grads.items()})
         self._cache = None
 
+    RECURRENT = "lstm."      # the recurrent module's attribute and its key prefix in params and grads
     # -- what a checkpoint holds (checkpoint.py): config as JSON, arrays per safetensors file
     FORMAT = "lstmkit-language-model"
     ARRAY_FILES = {"lstm.safetensors": "lstm.", "model.safetensors": ""}     # file -> key prefix in params

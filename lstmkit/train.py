@@ -13,6 +13,15 @@ EXPLODE_FACTOR × the first step's loss (the last good checkpoint is kept and no
 Resuming restores the parameters, optimizer slots and step, the position in the data, h and c, and
 the dropout RNG, so a run stopped and resumed ends with the same weights as one left alone.
 
+Under MPI (distributed.py), rank r of N trains on streams [r b, (r+1) b) of the B streams, b = B / N
+(the same streams one process would cut), carrying its own h and c (L, b, H); a checkpoint holds
+all B (gathered to rank 0), so it resumes on any N that divides B, or on one process. Each rank
+draws the global dropout mask and keeps its rows, so N ranks train as one process does. Validation
+cuts the text into N contiguous pieces, each read as one stream from a zero state, and sums their
+losses: every token is still predicted once, but the first tokens of pieces 2..N with less
+context than one process gives them (N - 1 fresh starts in the whole text: a small difference on
+a long text, none with N = 1).
+
 Shape letters: T sequence length, B batch size, L layers, H hidden size, V vocabulary size.
 """
 
@@ -29,6 +38,7 @@ from . import __version__
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from .config import LMError, TrainConfig, validate
 from .data import BatchStream, read_text, split_train_val, text_digest
+from .distributed import SlicedRNG, share, split
 from .evaluate import LN2, evaluate
 from .model import LanguageModel
 from .sample import Sampler
@@ -116,7 +126,8 @@ class Trainer(TrainerBase):
             self.tok = build_tokenizer(cfg.tokenizer, text)
         ids = self.tok.encode(text)
         train_ids, val_ids = split_train_val(ids, cfg.val_frac)
-        self.stream = BatchStream(train_ids, cfg.batch_size, cfg.seq_len, "training text")
+        self.rows = share(cfg.batch_size, self.world)     # this rank's streams [lo, hi)
+        self.stream = BatchStream(train_ids, cfg.batch_size, cfg.seq_len, "training text", rows=self.rows)
         self.val_ids = val_ids if len(val_ids) >= 2 else None
         self.val_tokens_per_char = 1.0
         if self.val_ids is not None and cfg.val_frac > 0:
@@ -140,7 +151,14 @@ class Trainer(TrainerBase):
         self.history = self._new_history()
         self.elapsed = 0.0
         self.first_loss = None
-        self.carry = self.model.initial_state(cfg.batch_size)
+        self.carry = self.model.initial_state(self.stream.b)
+        self._share_dropout()
+
+    def _share_dropout(self):
+        """Under MPI the LSTM draws the global batch's dropout mask and keeps this rank's streams."""
+        if self.world.size > 1:
+            self.model.lstm.dropout_rng = SlicedRNG(self.model.lstm.dropout_rng, axis=1)
+            self.model.lstm.dropout_rng.set(self.cfg.batch_size, *self.rows)
 
     def _restore(self, ck, resume):
         """Model, optimizer, data position, RNG, history and carried state of a saved run, each value
@@ -158,8 +176,11 @@ class Trainer(TrainerBase):
         self.stream.load_state({"epoch": st["epoch"], "chunk": st["chunk"]})
         self.step, self.history = st["step"], st["history"]
         self.elapsed, self.first_loss = st["elapsed_s"], st["first_loss"]
-        self.carry = check_carry(ck["carry"], (cfg.num_layers, cfg.batch_size, cfg.hidden_size),
-                                 self.model.dtype, resume)
+        carry = check_carry(ck["carry"], (cfg.num_layers, cfg.batch_size, cfg.hidden_size),
+                            self.model.dtype, resume)
+        lo, hi = self.rows
+        self.carry = tuple(np.array(a[:, lo:hi]) for a in carry)   # this rank's streams of all B
+        self._share_dropout()
 
     def _chunks_per_epoch(self):
         return self.stream.chunks_per_epoch
@@ -174,16 +195,26 @@ class Trainer(TrainerBase):
         return nats / LN2 * self.val_tokens_per_char
 
     def validate(self):
-        """The validation text's score, read as one stream like `lstmkit eval` (evaluate.py)."""
+        """The validation text's score, read as one stream like `lstmkit eval` (evaluate.py); under
+        MPI each rank reads one of N contiguous pieces (see the module docstring) and the nats are
+        summed over ranks."""
         if self.val_ids is None:
             return None
-        nats, _ = evaluate(self.model, self.val_ids)
-        return self._bpc(nats)
+        if self.world.size == 1:
+            return self._bpc(evaluate(self.model, self.val_ids)[0])
+        lo, hi = split(len(self.val_ids) - 1, self.world.size, self.world.rank)   # targets lo+1..hi
+        nats, count = evaluate(self.model, self.val_ids[lo:hi + 1]) if hi > lo else (0.0, 0)
+        total, count = self.world.sum([nats * count, count])
+        return self._bpc(total / count)
+
+    def _collect(self):
+        """Rank 0 gets all B streams' h and c for the checkpoint (self.global_carry)."""
+        self.global_carry = tuple(self.world.gather_rows(a, axis=1) for a in self.carry)
 
     def _batch_loss(self):
         x, y, epoch_start = self.stream.next()
         if epoch_start:
-            self.carry = self.model.initial_state(self.cfg.batch_size)
+            self.carry = self.model.initial_state(self.stream.b)
         loss, self._next_carry = self.model.loss(x, y, self.carry)
         return loss
 
@@ -209,11 +240,11 @@ class Trainer(TrainerBase):
 
     def _between_steps(self):
         cfg = self.cfg
-        if cfg.sample_every and self.step % cfg.sample_every == 0 and not self._done():
+        if self.rank0 and cfg.sample_every and self.step % cfg.sample_every == 0 and not self._done():
             t1 = time.perf_counter()
             self._write(f"----- sample at step {self.step} ({self.elapsed / 60:.1f} min) -----\n"
                         f"{self.sample_text()}\n-----")
-            self.elapsed += time.perf_counter() - t1
+            self._add_time(time.perf_counter() - t1)
 
     def save(self, best=False):
         state = {"step": self.step, "data_position": self.stream.state(),
@@ -222,7 +253,7 @@ class Trainer(TrainerBase):
                  "lstmkit_version": __version__}
         config = {"train": self.cfg.to_dict(), "data": self.data_info, "lstmkit_version": __version__}
         save_checkpoint(self.out_dir, model=self.model, tokenizer=self.tok, config=config, run_id=self.run_id,
-                        step=self.step, state=state, optimizer=self.optimizer, carry=self.carry,
+                        step=self.step, state=state, optimizer=self.optimizer, carry=self.carry if self.world.size == 1 else self.global_carry,
                         best=best, val=self.last_val)
         self.plot()
 

@@ -20,10 +20,17 @@ One step:
     clip(grads); optimizer.step(grads, lr_t)
 Every --eval-every steps and at the end: validate, check that every parameter and the score are
 finite (else stop, keeping the last good state), save (best=True when the score improved).
+
+Under MPI (`mpiexec -n N`, distributed.py) the same loop runs on every rank with its share of the
+batch: between backward and clipping, one Allreduce sums the ranks' weighted gradients and carries
+the global loss, the stop flag (a signal on any rank stops all after the same step) and rank 0's
+clock, so every rank checks, clips, steps and stops alike. Rank 0 alone prints and writes; at
+each checkpoint the ranks' parameters are compared and the subclass gathers its state (_collect).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -35,6 +42,7 @@ import numpy as np
 
 from .checkpoint import POINTER, CheckpointError, atomic_write, read_pointer, run_lock, run_state
 from .config import EXPLODE_FACTOR, MAIN_JOB_MINUTES, LMError
+from .distributed import TAIL, null_output, world
 from .optim import clip_grad_norm, clip_grad_value, make_optimizer, scheduled_lr
 
 
@@ -64,7 +72,9 @@ def resumed_config(cls, resumable, ck, resume, overrides):
 
 
 class TrainingStopped(LMError):
-    """The loss or the parameters went NaN/Inf, or the loss exploded; the last good checkpoint is kept."""
+    """The loss or the parameters went NaN/Inf, or the loss exploded; the last good checkpoint is kept.
+    Under MPI every rank raises it alike (the loss is the global one, the parameters the same)."""
+    collective = True
 
 
 def plural(n, word):
@@ -82,16 +92,24 @@ class TrainerBase:
     resume_command = "lstmkit train"     # printed after Ctrl-C: how to continue
 
     def __init__(self, out_dir, progress=True, out=None, err=None):
-        self.out = out or sys.stdout
+        self.world = world()            # distributed.Single for one process
+        self.rank0 = self.world.rank == 0
+        self.out = (out or sys.stdout) if self.rank0 else null_output()   # rank 0 alone prints
         self.err = err or sys.stderr
-        self.progress = progress
+        self.progress = progress and self.rank0
         self.out_dir = out_dir
         self.stop_signal = None
+        self._agreed_stop = 0           # under MPI: the stop signal all ranks agreed on at the last step
+        self._flat = None               # under MPI: the flat gradient buffer (model.flatten_grads)
+        self.share = 1.0 / self.world.size   # this rank's weight in the global mean (n_r / n)
 
     # -- set-up ---------------------------------------------------------------------------------
     def _check_out_dir(self, out_dir):
         """--out must be new, empty (a first save that was interrupted leaves it so), or this run's
-        own folder: never another run or the user's files (checkpoint.run_state)."""
+        own folder: never another run or the user's files (checkpoint.run_state). Only rank 0 writes
+        there, so only rank 0 checks."""
+        if not self.rank0:
+            return
         state = run_state(out_dir)
         if state == "foreign" and not os.path.isdir(out_dir):
             raise LMError(f"--out {out_dir!r} exists and is not a directory")
@@ -216,7 +234,36 @@ class TrainerBase:
     def _on_signal(self, signum, frame):
         self.stop_signal = signum
 
+    def _stop_requested(self):
+        """One process: a signal has arrived. MPI: the ranks agreed at the last step that one has
+        arrived somewhere (the step's Allreduce carries it), so all stop after the same step."""
+        if self.world.size == 1:
+            return self.stop_signal is not None
+        if self._agreed_stop:
+            self.stop_signal = self._agreed_stop
+        return bool(self._agreed_stop)
+
+    def _add_time(self, dt):
+        """Training time towards --minutes. Under MPI rank 0's clock is the one that counts: it
+        reaches every rank in the next step's Allreduce (_train_step), so that every rank decides
+        alike when the budget is spent and which learning rate the cosine schedule gives."""
+        if self.world.size == 1:
+            self.elapsed += dt
+        else:
+            self._clock += dt
+
+    def _start_world(self):
+        """Under MPI, once every rank's set-up has succeeded: rank 0's parameters and optimizer
+        slots on all ranks, and the gradients in one flat buffer for the step's one Allreduce."""
+        self.world.broadcast(list(self.model.params.values()) + list(self.optimizer.state_arrays().values()))
+        self._flat = self.model.flatten_grads(TAIL)
+        self._clock = self.elapsed
+
     def run(self) -> dict:
+        if self.world.agree(failed=False) is not None:   # another rank's set-up failed; it says why
+            return self._result("failed elsewhere")
+        if self.world.size > 1:
+            self._start_world()
         old_handlers = {}
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -224,7 +271,8 @@ class TrainerBase:
             except ValueError:   # not the main thread: no signal handling
                 pass
         try:
-            with run_lock(self.out_dir):            # one writer per run: a second trainer is refused
+            # one writer per run (rank 0): a second trainer is refused
+            with run_lock(self.out_dir) if self.rank0 else contextlib.nullcontext():
                 self._check_out_dir(self.out_dir)   # again, now that no other writer can change it
                 return self._run()
         finally:
@@ -245,12 +293,7 @@ class TrainerBase:
                     initial=int(self.elapsed) if time_mode else self.step, bar_format=fmt,
                     disable=not self.progress, file=self.err, mininterval=1.0, dynamic_ncols=True, leave=False)
 
-    def _train_step(self):
-        """One optimizer step on the next batch; returns its loss."""
-        cfg, model = self.cfg, self.model
-        model.train()
-        model.zero_grad()
-        loss = self._batch_loss()
+    def _check_loss(self, loss):
         if self.first_loss is None:
             self.first_loss = loss
         if not math.isfinite(loss) or loss > EXPLODE_FACTOR * self.first_loss:
@@ -259,7 +302,20 @@ class TrainerBase:
             raise TrainingStopped(f"training stopped at step {self.step + 1}: the loss {what}; the last "
                                   f"good checkpoint (step {self.last_saved}) is kept in {self.out_dir}; "
                                   f"try a lower --lr or --grad-clip")
+
+    def _train_step(self):
+        """One optimizer step on the next batch; returns its loss (under MPI the global batch's)."""
+        cfg, model = self.cfg, self.model
+        model.train()
+        model.zero_grad()
+        loss = self._batch_loss()
+        if self.world.size == 1:
+            self._check_loss(loss)              # before a backward through NaNs
         model.backward()
+        if self.world.size > 1:                 # the mean gradient, loss, stop flag and clock of all ranks
+            loss, self._agreed_stop, self.elapsed = self.world.reduce_step(
+                self._flat, self.share, loss, self.stop_signal or 0, self._clock)
+            self._check_loss(loss)              # the same number on every rank: all stop alike
         if cfg.grad_clip > 0:
             if cfg.clip_mode == "norm":
                 clip_grad_norm(model.grads, cfg.grad_clip)
@@ -280,10 +336,21 @@ class TrainerBase:
             return True
         return val > self.best_val if self.higher_is_better else val < self.best_val
 
+    def _checkpoint(self, best=False):
+        """Save (rank 0), after checking that every rank holds the same parameters and gathering
+        what the ranks hold apart (_collect): all ranks call this together."""
+        self.world.check_same(self.model.params, self.step)
+        self._collect()
+        if self.rank0:
+            self.save(best=best)
+
+    def _collect(self):
+        """Under MPI: gather to rank 0 what save() needs from every rank (the LM's carried state)."""
+
     def _validate_and_save(self, loss, rate):
         t0 = time.perf_counter()
         self.last_val = self.validate()
-        self.elapsed += time.perf_counter() - t0       # validation counts towards --minutes, as saved
+        self._add_time(time.perf_counter() - t0)       # validation counts towards --minutes, as saved
         best = False
         if self.last_val is not None:
             self.history["val_step"].append(self.step)
@@ -293,7 +360,7 @@ class TrainerBase:
         self._check_finite(self.last_saved)
         if best:
             self.best_val = self.last_val
-        self.save(best=best)
+        self._checkpoint(best=best)
         self.last_saved = self.step
         self._write(self._step_line(loss, rate, best))
 
@@ -314,12 +381,12 @@ class TrainerBase:
         self._announce(resumed)
         self.last_saved = self.step
         if not resumed:
-            self.save()     # a good checkpoint exists from the start
+            self._checkpoint()     # a good checkpoint exists from the start
         bar = self._progress_bar()
         rate, status = None, "done"
         try:
             while not self._done():
-                if self.stop_signal is not None:
+                if self._stop_requested():
                     status = "interrupted"
                     break
                 t0 = time.perf_counter()
@@ -327,7 +394,7 @@ class TrainerBase:
                 with np.errstate(over="ignore", invalid="ignore"):
                     loss = self._train_step()
                 dt = time.perf_counter() - t0
-                self.elapsed += dt
+                self._add_time(dt)
                 r = self.items_per_step / dt
                 rate = r if rate is None else 0.9 * rate + 0.1 * r
                 if self.step % cfg.eval_every == 0 or self._done():
@@ -342,13 +409,14 @@ class TrainerBase:
             bar.close()
         if self.step != self.last_saved or status == "interrupted":
             self._check_finite(self.last_saved)
-            self.save()
+            self._checkpoint()
         if status == "interrupted":
             name = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(self.stop_signal, "a signal")
             self._write(f"stopped by {name} at step {self.step}; saved {self.out_dir}; "
                         f"continue with: {self.resume_command} --resume {self.out_dir}")
             return self._result(status, self.stop_signal)
-        self._final()
+        if self.rank0:
+            self._final()
         val = f"{self.last_val:.4f} {self.metric}" if self.last_val is not None else "no validation"
         best = f" (best {self.best_val:.4f})" if self.best_val is not None and self.best_val != self.last_val else ""
         self._write(f"done: step {self.step}, validation {val}{best}; checkpoint in {self.out_dir}"

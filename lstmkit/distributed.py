@@ -1,0 +1,293 @@
+"""Data-parallel training over MPI: `mpiexec -n N lstmkit train ...` trains ONE model with N processes.
+
+Why MPI: it is what clusters and cloud HPC images already run, and `mpiexec` starts it; the scheme
+is the one Horovod and PyTorch DDP use. Each process (rank r of N) owns a share of the global
+batch, computes the gradient of its share, and before every optimizer step the shares' gradients
+are summed with ONE MPI Allreduce over one flat buffer, so every rank takes the same step:
+
+    g = Σ_r w_r g_r,   w_r = n_r / n         n_r items (tokens, reviews) of rank r, n = Σ_r n_r
+    flat = [g (P,) | loss_hi, loss_lo | stop | clock_hi, clock_lo]      one Allreduce(SUM) per step
+
+so the gradient is the mean over the global batch, as one process computes it, and unequal
+shares (a classifier's last, short batch) weigh what they hold. The tail carries what the ranks
+must agree on without a second message: the global loss (Σ w_r loss_r, split into a float32 high
+and low part so that nothing is lost to float32), the stop flag (the largest signal number any
+rank has received, so all ranks stop after the same step) and rank 0's clock (only rank 0 adds
+to it; --minutes and the cosine schedule then read the same time on every rank).
+
+Start: rank 0's parameters (and optimizer slots, on a resume) are broadcast to all, so every rank
+starts from the same point; at every checkpoint a CRC of each rank's parameters is compared and a
+difference is an error. Rank 0 alone prints and writes checkpoints.
+
+Detection: this module is imported by every trainer, but mpi4py only when a launcher's variables
+say that the process was started by mpiexec with N > 1 (OMPI_COMM_WORLD_SIZE, PMI_SIZE,
+PMIX_RANK), so `lstmkit` alone starts as light as ever and never needs MPI. Without them, WORLD is
+Single: rank 0 of 1, every collective the identity.
+
+Dropout: each rank draws the GLOBAL batch's mask from the shared generator and keeps its own
+rows (SlicedRNG), so the generators stay equal on all ranks and rank r's mask is the rows of one
+process's mask: N ranks reproduce one process, dropout included.
+
+Shape letters: N ranks, r a rank, P parameters (all tensors flattened), L layers, B global batch,
+b = B / N a rank's share, H hidden size, T time steps.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+
+import numpy as np
+
+from .config import LMError
+
+# set by mpiexec in each process it starts: Open MPI, MPICH/Intel MPI (Hydra), PMIx launchers
+SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
+RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+TAIL = 5                 # loss_hi, loss_lo, stop, clock_hi, clock_lo after the gradient
+LOSS, STOP, CLOCK = -5, -3, -2
+
+
+class DistributedError(LMError):
+    """An MPI set-up problem (mpi4py missing, a batch that does not split, ranks that disagree)."""
+
+
+def launched_size() -> int:
+    """How many processes mpiexec started, from its variables (1 when not started by one). PMIx
+    sets the rank but not the size: a PMIX_RANK alone means 'ask MPI' (returned as 0)."""
+    for k in SIZE_VARS:
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 0 if "PMIX_RANK" in os.environ else 1
+
+
+def launched_rank() -> int:
+    """This process's rank from the launcher's variables, known before MPI is started."""
+    for k in RANK_VARS:
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 0
+
+
+def split(n: int, size: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous share of n items: np.array_split's sizes (the first n % size
+    ranks get one more), so shares differ by at most one."""
+    q, extra = divmod(n, size)
+    lo = rank * q + min(rank, extra)
+    return lo, lo + q + (rank < extra)
+
+
+def _split_float(x: float) -> tuple[np.float32, np.float32]:
+    """x as a float32 pair (hi, lo) with hi + lo = x to about 1e-14 relative: a float64 through a
+    float32 buffer."""
+    hi = np.float32(x)
+    return hi, np.float32(x - float(hi))
+
+
+class SlicedRNG:
+    """Stands in for a module's dropout Generator (modules.py calls `dropout_rng.random(x.shape)`):
+    draws the GLOBAL batch's array and returns this rank's rows of it, so the generator advances
+    alike on every rank and rank r's mask is exactly one process's rows [lo, hi).
+
+    axis: the batch axis of the arrays drawn (1 for the LSTM's (T, b, I) input, 0 for (b, F)).
+    set(total, lo, hi, steps): the global batch size B, this rank's rows, and for axis 1 the global
+    batch's time steps T (a packed batch's local T is its own longest sequence, on the same sorted
+    grid: rows sorted longest first, so rank r's rows are the global grid's rows lo..hi-1).
+    `bit_generator` is the real one's, so checkpoints save and restore it as before."""
+
+    def __init__(self, rng, axis):
+        self.rng, self.axis = rng, axis
+        self.total = self.lo = self.hi = self.steps = None
+
+    def set(self, total, lo, hi, steps=None):
+        self.total, self.lo, self.hi, self.steps = total, lo, hi, steps
+
+    @property
+    def bit_generator(self):
+        return self.rng.bit_generator
+
+    def random(self, shape):
+        full, idx = list(shape), [slice(None)] * len(shape)
+        full[self.axis], idx[self.axis] = self.total, slice(self.lo, self.hi)
+        if self.axis == 1:
+            full[0] = self.steps or shape[0]
+            idx[0] = slice(0, shape[0])
+        return self.rng.random(tuple(full))[tuple(idx)]
+
+
+def share(batch_size, w, what="--batch-size") -> tuple[int, int]:
+    """[lo, hi) of this rank's streams when every rank must hold the same number (the LM's B)."""
+    if batch_size % w.size:
+        raise DistributedError(f"{what} {batch_size} does not split over {w.size} processes: give a "
+                               f"multiple of {w.size} (each process trains on {what} / {w.size} of the batch)")
+    b = batch_size // w.size
+    return w.rank * b, (w.rank + 1) * b
+
+
+class Single:
+    """One process: rank 0 of 1. Every collective is the identity, so the trainers call the same
+    methods whether or not they run under MPI."""
+
+    rank, size, started = 0, 1, True
+
+    def reduce_step(self, flat, weight, loss, stop, clock):
+        """The step's values all ranks share: (global loss, stop signal or 0, rank 0's clock)."""
+        return loss, stop, clock
+
+    def broadcast(self, arrays):
+        pass
+
+    def sum(self, values):
+        return np.asarray(values, dtype=np.float64)
+
+    def gather_rows(self, a, axis):
+        return a
+
+    def check_same(self, params, step):
+        pass
+
+    def agree(self, failed):
+        return 0 if failed else None
+
+
+class RanksDiffer(LMError):
+    """The ranks' parameters drifted apart; raised on every rank alike."""
+    collective = True
+
+
+class World(Single):
+    """N > 1 processes under MPI (mpi4py's COMM_WORLD)."""
+
+    def __init__(self, MPI, comm):
+        self.MPI, self.comm = MPI, comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.started = False         # set by agree(): from then on an error on one rank aborts all
+
+    def reduce_step(self, flat, weight, loss, stop, clock):
+        """flat (P + TAIL,) holds this rank's gradient in flat[:-TAIL]: weighted by the rank's share
+        and summed over ranks in place, with the tail, by one Allreduce."""
+        flat[:-TAIL] *= np.float32(weight)
+        flat[LOSS], flat[LOSS + 1] = _split_float(weight * loss)
+        flat[STOP] = float(stop)
+        flat[CLOCK], flat[CLOCK + 1] = _split_float(clock if self.rank == 0 else 0.0)
+        self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM)
+        return (float(flat[LOSS]) + float(flat[LOSS + 1]), int(round(float(flat[STOP]))),
+                float(flat[CLOCK]) + float(flat[CLOCK + 1]))
+
+    def broadcast(self, arrays):
+        """Rank 0's values into every rank's arrays (in place), one message per dtype."""
+        by_dtype = {}
+        for a in arrays:
+            by_dtype.setdefault(a.dtype, []).append(a)
+        for dtype, group in by_dtype.items():
+            buf = np.concatenate([a.reshape(-1) for a in group]) if self.rank == 0 else \
+                np.empty(sum(a.size for a in group), dtype)
+            self.comm.Bcast(buf, root=0)
+            off = 0
+            for a in group:
+                a[...] = buf[off:off + a.size].reshape(a.shape)
+                off += a.size
+
+    def sum(self, values):
+        """Σ over ranks of a few float64 numbers (validation sums), the same on every rank."""
+        buf = np.array(values, dtype=np.float64)
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        return buf
+
+    def _allgather_int(self, n):
+        buf = np.empty(self.size, np.int64)
+        self.comm.Allgather(np.array([n], np.int64), buf)
+        return buf
+
+    def gather_rows(self, a, axis):
+        """Rank 0 gets every rank's `a` joined along `axis` in rank order (the global picture a
+        checkpoint holds, e.g. the carried h (L, B, H) from each rank's (L, b, H)); others get None."""
+        local = np.ascontiguousarray(np.moveaxis(a, axis, 0))
+        counts = self._allgather_int(local.shape[0]) * int(np.prod(local.shape[1:], dtype=np.int64))
+        out = np.empty((int(counts.sum()),) + local.shape[1:], a.dtype) if self.rank == 0 else None
+        self.comm.Gatherv(local, [out, counts] if self.rank == 0 else None, root=0)
+        return np.moveaxis(out.reshape((-1,) + local.shape[1:]), 0, axis) if self.rank == 0 else None
+
+    def check_same(self, params, step):
+        """Every rank holds the same parameters, bit for bit (a CRC of each compared); else an error
+        naming the first rank that differs from rank 0, raised on every rank alike."""
+        crc = 0
+        for p in params.values():
+            crc = zlib.crc32(np.ascontiguousarray(p).view(np.uint8), crc)
+        crcs = self._allgather_int(crc)
+        bad = [r for r in range(self.size) if crcs[r] != crcs[0]]
+        if bad:
+            raise RanksDiffer(f"at step {step} the parameters of rank {bad[0]} differ from rank 0's "
+                              f"({len(bad)} of {self.size} ranks differ); nothing was saved")
+
+    def agree(self, failed):
+        """Called once by every rank when its set-up has succeeded or failed: the lowest rank that
+        failed (it alone reports its error), or None when all are ready."""
+        buf = np.array([self.rank if failed else self.size], np.int64)
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.MIN)
+        self.started = True
+        return None if buf[0] == self.size else int(buf[0])
+
+    def abort(self, code):
+        self.comm.Abort(code)
+
+
+_world = None
+
+
+def world():
+    """The process group this process trains in: World under mpiexec with N > 1, else Single.
+    mpi4py is imported only here, and only when a launcher started this process."""
+    global _world
+    if _world is not None:
+        return _world
+    if launched_size() == 1:
+        _world = Single()
+        return _world
+    # MPICH prints a line of its own after MPI_Abort; lstmkit has already said which rank failed
+    os.environ.setdefault("MPIR_CVAR_SUPPRESS_ABORT_MESSAGE", "1")
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DistributedError(f"started by mpiexec with {launched_size() or 'several'} processes, but "
+                               f"mpi4py is not installed: pip install 'lstmkit[mpi]'") from None
+    comm = MPI.COMM_WORLD
+    _world = World(MPI, comm) if comm.Get_size() > 1 else Single()
+    return _world
+
+
+def report_failure(err, line, code) -> int:
+    """An error that ends the command: print `line` on stderr once per job and return `code`.
+    One process: as always. Before every rank has reported in (World.agree): the lowest failing
+    rank prints (a bad flag fails alike on all), the others exit quietly with the same code; before
+    MPI started at all, rank 0 (from the launcher's variables) prints. After the start, an error
+    raised alike on every rank (its class marked `collective`) is printed by rank 0; any other is
+    this rank's alone, so it names the rank and aborts the job, whose other ranks are waiting in a
+    collective and would never return."""
+    w = _world
+    if w is None or w.size == 1:
+        if w is None and launched_rank() != 0:
+            return code
+        err.write(line + "\n")
+        return code
+    if not w.started:
+        if w.agree(failed=True) == w.rank:
+            err.write(line + "\n")
+        return code
+    err.write(line.replace("lstmkit: error: ", f"lstmkit: error: rank {w.rank} of {w.size}: ", 1) + "\n")
+    err.flush()
+    w.abort(code)
+    return code
+
+
+def report_collective(err, line, code) -> int:
+    """An error every rank raised alike after the start (TrainingStopped, RanksDiffer): rank 0 prints it."""
+    if _world is None or _world.rank == 0:
+        err.write(line + "\n")
+    return code
+
+
+def null_output():
+    """Where ranks other than 0 print: nowhere (rank 0 alone prints progress and samples)."""
+    return open(os.devnull, "w")
