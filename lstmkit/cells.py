@@ -2,7 +2,7 @@
 
 A cell runs the layer functions of functional.py / kernels.py / gru.py on a sequence of length one,
 so its equations, caches and backward are the layer's (see functional.py and gru.py). Everything a
-module shares (parameters, contexts, state_dict) is modules._Module's.
+module shares (parameters, contexts, state_dict) is module._Module's.
 
 Shape letters
     N   batch           I   input_size          H   hidden_size         G   4H (LSTM), 3H (GRU) or H (RNN)
@@ -17,7 +17,7 @@ import numpy as np
 
 from . import contexts, gru
 from .contexts import is_grad_enabled
-from .modules import _Module, _backend, _check_dtype, _check_int
+from .module import _Module, _backend, _check_dtype, _check_int
 
 
 class _CellBase(_Module):

@@ -33,7 +33,7 @@ gradient from dout (padding is a constant) and the gradient given at h_T starts 
 sequence's own last step; nothing computed from padding reaches any gradient.
 
 gru_layer_forward / gru_layer_backward run the fused path unless LSTMKIT_REFERENCE=1 (the rule of
-modules._backend); reference_* and fused_* are both public so that tests can hold one against
+module._backend); reference_* and fused_* are both public so that tests can hold one against
 the other. The backward runs the path its cache came from.
 """
 

@@ -2,7 +2,7 @@
 
 Same functions, same signatures, same return values as functional.py (the readable reference,
 which is the textbook for the equations below); tests/test_kernels.py checks one against the
-other. modules.py picks this namespace when Numba imports (AVAILABLE) and LSTMKIT_REFERENCE != "1".
+other. module._backend picks this namespace when Numba imports (AVAILABLE) and LSTMKIT_REFERENCE != "1".
 The code lives beside each cell: lstm_fused.py, rnn_fused.py and gru.py (reference and fused side
 by side), built from jit.py (Numba kernels' pieces), blas.py (products and their threads) and
 layer_rows.py (the gradients after the time loop, packed rows).

@@ -167,7 +167,7 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     Returns out (T, B, P), h_T (B, P), c_T (B, H), cache. The cache keeps a reference to `out`
     (it is h_t for every t, which the backward needs); don't write into `out` before backward.
     save=False (no_grad): cache is None, and c_t, m_t live in (B, H) buffers instead of (T, B, H).
-    W_hh_T: W_hh.T as a C-contiguous array, when the caller keeps one across calls (modules.py
+    W_hh_T: W_hh.T as a C-contiguous array, when the caller keeps one across calls (module.py
     does, refreshed when W_hh changes); the batch-1 loops read it, else they copy W_hh.T per call.
     batch_sizes (T,) or None: a packed batch (packed.py), run natively over its real rows only
     (_lstm_forward_packed); a batch whose sequences all run T steps is an ordinary one.
