@@ -6,13 +6,13 @@ batch, computes the gradient of its share, and before every optimizer step the s
 are summed with ONE MPI Allreduce over one flat buffer, so every rank takes the same step:
 
     g = Σ_r w_r g_r,   w_r = n_r / n         n_r items (tokens, reviews) of rank r, n = Σ_r n_r
-    flat = [g (P,) | loss_hi, loss_lo | stop | clock_hi, clock_lo]      one Allreduce(SUM) per step
+    flat = [g (P,) | loss_hi, loss_lo | n_int, n_term | clock_hi, clock_lo]   one Allreduce(SUM) per step
 
 so the gradient is the mean over the global batch, as one process computes it, and unequal
 shares (a classifier's last, short batch) weigh what they hold. The tail carries what the ranks
 must agree on without a second message: the global loss (Σ w_r loss_r, split into a float32 high
-and low part so that nothing is lost to float32), the stop flag (the largest signal number any
-rank has received, so all ranks stop after the same step) and rank 0's clock (only rank 0 adds
+and low part so that nothing is lost to float32), the stop flags (how many ranks have received
+SIGINT, and SIGTERM: any at all stops every rank after the same step) and rank 0's clock (only rank 0 adds
 to it; --minutes and the cosine schedule then read the same time on every rank).
 
 Start: rank 0's parameters (and optimizer slots, on a resume) are broadcast to all, so every rank
@@ -35,6 +35,7 @@ b = B / N a rank's share, H hidden size, T time steps.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import zlib
 
@@ -45,8 +46,8 @@ from .config import LMError
 # set by mpiexec in each process it starts: Open MPI, MPICH/Intel MPI (Hydra), PMIx launchers
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE")
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-TAIL = 5                 # loss_hi, loss_lo, stop, clock_hi, clock_lo after the gradient
-LOSS, STOP, CLOCK = -5, -3, -2
+TAIL = 6                 # loss_hi, loss_lo, n_int, n_term, clock_hi, clock_lo after the gradient
+LOSS, STOP, CLOCK = -6, -4, -2
 
 
 class DistributedError(LMError):
@@ -169,10 +170,11 @@ class World(Single):
         and summed over ranks in place, with the tail, by one Allreduce."""
         flat[:-TAIL] *= np.float32(weight)
         flat[LOSS], flat[LOSS + 1] = _split_float(weight * loss)
-        flat[STOP] = float(stop)
+        flat[STOP], flat[STOP + 1] = stop == signal.SIGINT, stop == signal.SIGTERM
         flat[CLOCK], flat[CLOCK + 1] = _split_float(clock if self.rank == 0 else 0.0)
         self.comm.Allreduce(self.MPI.IN_PLACE, flat, op=self.MPI.SUM)
-        return (float(flat[LOSS]) + float(flat[LOSS + 1]), int(round(float(flat[STOP]))),
+        agreed = signal.SIGINT if flat[STOP] > 0 else signal.SIGTERM if flat[STOP + 1] > 0 else 0
+        return (float(flat[LOSS]) + float(flat[LOSS + 1]), int(agreed),
                 float(flat[CLOCK]) + float(flat[CLOCK + 1]))
 
     def broadcast(self, arrays):
@@ -204,10 +206,11 @@ class World(Single):
         """Rank 0 gets every rank's `a` joined along `axis` in rank order (the global picture a
         checkpoint holds, e.g. the carried h (L, B, H) from each rank's (L, b, H)); others get None."""
         local = np.ascontiguousarray(np.moveaxis(a, axis, 0))
-        counts = self._allgather_int(local.shape[0]) * int(np.prod(local.shape[1:], dtype=np.int64))
-        out = np.empty((int(counts.sum()),) + local.shape[1:], a.dtype) if self.rank == 0 else None
+        rows = self._allgather_int(local.shape[0])                       # each rank's share
+        out = np.empty((int(rows.sum()),) + local.shape[1:], a.dtype) if self.rank == 0 else None
+        counts = rows * int(np.prod(local.shape[1:], dtype=np.int64))     # in elements, for Gatherv
         self.comm.Gatherv(local, [out, counts] if self.rank == 0 else None, root=0)
-        return np.moveaxis(out.reshape((-1,) + local.shape[1:]), 0, axis) if self.rank == 0 else None
+        return np.moveaxis(out, 0, axis) if self.rank == 0 else None
 
     def check_same(self, params, step):
         """Every rank holds the same parameters, bit for bit (a CRC of each compared); else an error
@@ -230,6 +233,10 @@ class World(Single):
         return None if buf[0] == self.size else int(buf[0])
 
     def abort(self, code):
+        """End every rank now. The error is already printed; MPICH would add a line of its own
+        ("Abort(2) on node ..."), so stderr is closed first: the job's error stays one line."""
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
         self.comm.Abort(code)
 
 
@@ -245,8 +252,6 @@ def world():
     if launched_size() == 1:
         _world = Single()
         return _world
-    # MPICH prints a line of its own after MPI_Abort; lstmkit has already said which rank failed
-    os.environ.setdefault("MPIR_CVAR_SUPPRESS_ABORT_MESSAGE", "1")
     try:
         from mpi4py import MPI
     except ImportError:

@@ -124,6 +124,8 @@ class TrainerBase:
     def _check_writable(self):
         """Create --out and write a file in it before the first step, so that a run that could not
         save is refused now, not after hours of training."""
+        if not self.rank0:              # rank 0 alone writes
+            return
         try:
             os.makedirs(self.out_dir, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.out_dir)
