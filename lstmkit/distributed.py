@@ -109,12 +109,33 @@ class SlicedRNG:
         return self.rng.bit_generator
 
     def random(self, shape):
-        full, idx = list(shape), [slice(None)] * len(shape)
-        full[self.axis], idx[self.axis] = self.total, slice(self.lo, self.hi)
+        full = list(shape)
+        full[self.axis] = self.total
         if self.axis == 1:
             full[0] = self.steps or shape[0]
-            idx[0] = slice(0, shape[0])
-        return self.rng.random(tuple(full))[tuple(idx)]
+        skip = getattr(self.rng.bit_generator, "advance", None)
+        if skip is None:                        # no jumps: draw the global array, keep the rows
+            idx = [slice(None)] * len(shape)
+            idx[self.axis] = slice(self.lo, self.hi)
+            idx[0] = slice(0, shape[0]) if self.axis == 1 else idx[0]
+            return self.rng.random(tuple(full))[tuple(idx)]
+        return self._jump(shape, full, skip)
+
+    def _jump(self, shape, full, skip):
+        """The same numbers without drawing the other ranks' rows: random() takes one 64-bit output
+        per float64, in C order, so the generator jumps (PCG64.advance) over every run of rows that
+        is not this rank's: T runs for a (T, B, I) mask, one for (B, F). The state after equals the
+        global draw's."""
+        row = int(np.prod(full[self.axis + 1:], dtype=np.int64))          # outputs per batch row
+        block = self.total * row                                           # one time step (axis 1), or all
+        times = shape[0] if self.axis == 1 else 1
+        out = np.empty((times, self.hi - self.lo) + tuple(full[self.axis + 1:]))
+        for t in range(times):
+            skip(self.lo * row)
+            out[t] = self.rng.random(out.shape[1:])
+            skip((self.total - self.hi) * row)
+        skip(block * ((full[0] if self.axis == 1 else 1) - times))         # a packed batch's later steps
+        return out if self.axis == 1 else out[0]
 
 
 def share(batch_size, w, what="--batch-size") -> tuple[int, int]:
