@@ -1,4 +1,5 @@
-"""LSTMCell, GRUCell and RNNCell: one step of a recurrent layer, torch.nn.*Cell's contract, on NumPy arrays.
+"""LSTMCell, GRUCell and RNNCell: one step of a recurrent layer, torch.nn.*Cell's contract, on NumPy
+arrays, or CuPy arrays after cell.to("cuda") (module.py: devices).
 
 A cell runs the layer functions of functional.py / kernels.py / gru.py on a sequence of length one,
 so its equations, caches and backward are the layer's (see functional.py and gru.py). Everything a
@@ -38,7 +39,7 @@ class _CellBase(_Module):
 
     def _prepare(self, input, states):
         """Check input and states as torch does; return x (N, I), states as (N, H), batched."""
-        x = np.asarray(input)
+        x = self._array(input, "the input")
         if x.ndim not in (1, 2):
             raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {x.ndim}D instead")
         self._check_input_dtype(x, RuntimeError)   # torch's cells fail in the product, with RuntimeError
@@ -49,10 +50,10 @@ class _CellBase(_Module):
         out = []
         for k, s in enumerate(states):
             if s is None:
-                out.append(np.zeros((x.shape[0], self.hidden_size), dtype=self.dtype))
+                out.append(self._xp.zeros((x.shape[0], self.hidden_size), dtype=self.dtype))
                 continue
-            s = np.asarray(s)
             label = f"hx[{k}]" if len(states) == 2 else "hx"
+            s = self._array(s, label)
             if s.ndim not in (1, 2):
                 raise ValueError(f"{self._name}: Expected {label} to be 1D or 2D, got {s.ndim}D instead")
             if s.dtype != self.dtype:
@@ -77,17 +78,18 @@ class _CellBase(_Module):
         """One step through the layer function (a sequence of length 1) and its context."""
         self.__dict__["_last"] = None
         p = self._plain
-        backend = _backend()
+        backend = _backend(self._xp)
         save = is_grad_enabled()
         if len(states) == 2:
-            W_hh_T = self._transposed_W_hh() if x.shape[0] == 1 and save else None   # only backward reads it
+            # only the CPU's backward reads it
+            W_hh_T = self._transposed_W_hh() if x.shape[0] == 1 and save and self._xp is np else None
             _, h, c, cache = backend.lstm_layer_forward(x[None], states[0], states[1], p["weight_ih"],
                                                         p["weight_hh"], self._b(), None, save=save, W_hh_T=W_hh_T)
             state = (h, c) if batched else (h[0], c[0])
         elif self._name == "GRUCell":
             b_ih, b_hh = (p["bias_ih"], p["bias_hh"]) if self.bias else (None, None)
-            _, h, cache = gru.gru_layer_forward(x[None], states[0], p["weight_ih"], p["weight_hh"], b_ih, b_hh,
-                                                save=save)
+            forward = getattr(backend, "gru_layer_forward", gru.gru_layer_forward)   # the GPU's own
+            _, h, cache = forward(x[None], states[0], p["weight_ih"], p["weight_hh"], b_ih, b_hh, save=save)
             state = h if batched else h[0]
         else:
             _, h, cache = backend.rnn_layer_forward(x[None], states[0], p["weight_ih"], p["weight_hh"],
@@ -100,8 +102,8 @@ class _CellBase(_Module):
 
     def _grad_in(self, grad, name, saved):
         if grad is None:
-            return np.zeros((saved["N"], self.hidden_size), dtype=self.dtype)
-        g = np.asarray(grad)
+            return self._xp.zeros((saved["N"], self.hidden_size), dtype=self.dtype)
+        g = self._array(grad, name)
         expected = (saved["N"], self.hidden_size) if saved["batched"] else (self.hidden_size,)
         if g.shape != expected:
             raise RuntimeError(f"{self._name}.backward: {name} must have shape {expected}, got {g.shape}")
@@ -122,7 +124,7 @@ class _CellBase(_Module):
         ctx = contexts.take(self, ctx)
         saved = ctx.saved
         dh = self._grad_in(grad_state, "grad_h", saved)
-        dx, dh0, *dparams = layer_backward(saved, np.zeros_like(dh)[None], dh, saved["cache"])
+        dx, dh0, *dparams = layer_backward(saved, self._xp.zeros_like(dh)[None], dh, saved["cache"])
         self._accumulate(*dparams)
         contexts.done(ctx, retain)
         dx = dx[0]
@@ -167,7 +169,7 @@ class LSTMCell(_CellBase):
         dh = self._grad_in(grad_state[0], "grad_h", saved)
         dc = self._grad_in(grad_state[1], "grad_c", saved)
         dx, dh0, dc0, dW_ih, dW_hh, db, _ = saved["backend"].lstm_layer_backward(
-            np.zeros_like(dh)[None], dh, dc, saved["cache"])
+            self._xp.zeros_like(dh)[None], dh, dc, saved["cache"])
         self._accumulate(dW_ih, dW_hh, db)
         contexts.done(ctx, retain)
         dx = dx[0]

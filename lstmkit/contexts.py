@@ -23,6 +23,11 @@ Outputs handed to the caller are never arrays a context keeps, so editing them c
 What the version counter cannot see: writes that bypass NumPy's operators on the parameter (through
 `np.asarray(p)` or a view NumPy functions return, `p.flat`, the buffer protocol, compiled code).
 After such a write call `module.bump_version()`. lstmkit's optimizers need nothing.
+
+On the GPU (CuPy arrays, module.to("cuda")) parameters are plain CuPy arrays, whose writes nothing
+counts: the version guard sees the module's own writes and bump_version(). The caller's arrays
+are kept as a device copy instead of a hash (a hash would need a host sync at every forward; the
+copy is one device-to-device memcpy, compared bit for bit at backward).
 """
 
 import functools
@@ -30,6 +35,8 @@ import threading
 import zlib
 
 import numpy as np
+
+from .device import array_module
 
 # ---------------------------------------------------------------------- grad mode
 
@@ -210,11 +217,29 @@ NO_GRAD = object()
 
 def record(module, saved, arrays):
     """The context of a forward that just ran: the versions of all the module's parameters, and
-    fingerprints of the caller's arrays [(label, array or None)]."""
+    fingerprints of the caller's arrays [(label, array or None)] (a device copy for a GPU array)."""
     versions = [cell[0] for cell in module._cells]
-    arrays = [(label, np.asarray(a)) for label, a in arrays if a is not None]
-    prints = [(label, a, fingerprint(a)) for label, a in arrays]
+    prints = []
+    for label, a in arrays:
+        if a is None:
+            continue
+        xp = array_module(a)
+        a = xp.asarray(a)
+        prints.append((label, a, fingerprint(a) if xp is np else a.copy()))
     return Context(module, saved, versions, prints)
+
+
+def changed(a, print_):
+    """Whether array `a` differs from its fingerprint (or, for a GPU array, its copy) taken at
+    forward. The copy is compared as raw bits, so that a NaN that stayed a NaN is unchanged."""
+    if isinstance(a, np.ndarray) and not isinstance(print_, np.ndarray):
+        return fingerprint(a) != print_
+    if a.shape != print_.shape:
+        return True
+    bits = {4: np.uint32, 8: np.uint64}.get(a.dtype.itemsize)
+    if bits is None:
+        return bool((a != print_).any())
+    return bool((a.view(bits) != print_.view(bits)).any())
 
 
 def take(module, ctx):
@@ -247,13 +272,13 @@ def _check(name, ctx):
                            "its saved arrays were freed by the first backward. Pass retain=True to the first "
                            "backward to run another; a module stepped over several inputs keeps only its "
                            "latest forward, so use forward(..., return_ctx=True) and backward(..., ctx=ctx)")
-    for (pname, p), version in zip(ctx.module._params.items(), ctx.versions):
-        if p._cell[0] != version:
+    for pname, cell, version in zip(ctx.module._params, ctx.module._cells, ctx.versions):
+        if cell[0] != version:
             raise RuntimeError(f"{name}.backward(): parameter {pname} was modified in place after the forward "
-                               f"(version {version} at forward, now {p._cell[0]}), e.g. by an optimizer step; "
+                               f"(version {version} at forward, now {cell[0]}), e.g. by an optimizer step; "
                                "the gradient would be of weights the forward did not use. Run backward first")
     for label, a, crc in ctx.arrays:
-        if fingerprint(a) != crc:
+        if changed(a, crc):
             raise RuntimeError(f"{name}.backward(): {label} was modified in place after the forward that read it; "
                                "backward needs the values the forward used. Pass a copy to the forward, or "
                                "modify it after backward")

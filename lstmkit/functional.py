@@ -33,19 +33,22 @@ and, summed over all steps (done as single matrix products after the loop):
 RNN (torch.nn.RNN):  h_t = φ(x_t W_ih^T + h_{t-1} W_hh^T + b),  φ = tanh or relu;
 backward:  da = dh ⊙ φ'(a)  (1 - h² for tanh, [h > 0] for relu),  dh_{t-1} = da W_hh.
 
+Devices: every function takes its array module from its input, `xp = array_module(x)` (device.py),
+so the same lines run on NumPy arrays (CPU) and CuPy arrays (GPU); the GPU fast path with one fused
+kernel per step is cuda_layers.py.
+
 Packed batches (batch_sizes, see packed.py): the layers below stay the textbook loops over full
 batches; with batch_sizes they are run by packed.packed_layer_forward, once per run of steps with
 the same batch size over the rows still running, and the backward follows its cache there.
 """
 
-import numpy as np
-
 from . import packed
+from .device import array_module
 
 
 def sigmoid(x):
     # The tanh form never overflows in exp() for large negative x, and equals 1 / (1 + e^-x).
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    return 0.5 * (1.0 + array_module(x).tanh(0.5 * x))
 
 
 def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W_hh_T=None,
@@ -64,6 +67,7 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     if batch_sizes is not None:
         return packed.packed_layer_forward(lstm_layer_forward, x, (h0, c0), (W_ih, W_hh, b, W_hr),
                                            batch_sizes, save=save)
+    xp = array_module(x)
     T, B, I = x.shape
     G, P = W_hh.shape
     H = G // 4
@@ -71,20 +75,20 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     xa = (x.reshape(T * B, I) @ W_ih.T).reshape(T, B, G)
     if b is not None:
         xa += b
-    gates = np.empty((T, B, G), dtype=x.dtype)  # i, f, g, o after their nonlinearities
-    c = np.empty((T, B, H), dtype=x.dtype)
-    tanh_c = np.empty((T, B, H), dtype=x.dtype)
-    m = np.empty((T, B, H), dtype=x.dtype) if W_hr is not None else None
-    h = np.empty((T, B, P), dtype=x.dtype)
+    gates = xp.empty((T, B, G), dtype=x.dtype)  # i, f, g, o after their nonlinearities
+    c = xp.empty((T, B, H), dtype=x.dtype)
+    tanh_c = xp.empty((T, B, H), dtype=x.dtype)
+    m = xp.empty((T, B, H), dtype=x.dtype) if W_hr is not None else None
+    h = xp.empty((T, B, P), dtype=x.dtype)
     h_prev, c_prev = h0, c0
     for t in range(T):
         a = xa[t] + h_prev @ W_hh.T                                  # (B, G)
         gates[t, :, : 2 * H] = sigmoid(a[:, : 2 * H])                # i, f
-        gates[t, :, 2 * H : 3 * H] = np.tanh(a[:, 2 * H : 3 * H])    # g
+        gates[t, :, 2 * H : 3 * H] = xp.tanh(a[:, 2 * H : 3 * H])    # g
         gates[t, :, 3 * H :] = sigmoid(a[:, 3 * H :])                # o
-        i, f, g, o = np.split(gates[t], 4, axis=1)
+        i, f, g, o = xp.split(gates[t], 4, axis=1)
         c[t] = f * c_prev + i * g
-        tanh_c[t] = np.tanh(c[t])
+        tanh_c[t] = xp.tanh(c[t])
         if W_hr is None:
             h[t] = o * tanh_c[t]
         else:
@@ -108,15 +112,16 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
     if "segments" in cache:      # a packed batch: the segment runner's cache
         return packed.packed_layer_backward(lstm_layer_backward, dout, (dh_T, dc_T), cache)
     x, h0, c0 = cache["x"], cache["h0"], cache["c0"]
+    xp = array_module(x)
     W_ih, W_hh, W_hr = cache["W_ih"], cache["W_hh"], cache["W_hr"]
     gates, c, tanh_c, m, h = cache["gates"], cache["c"], cache["tanh_c"], cache["m"], cache["h"]
     T, B, I = x.shape
     G, P = W_hh.shape
     H = G // 4
-    dgates = np.empty((T, B, G), dtype=x.dtype)   # dLoss/da: the four gate gradients, stacked
-    dh_all = np.empty((T, B, P), dtype=x.dtype) if W_hr is not None else None
-    dh_next = np.zeros((B, P), dtype=x.dtype) if dh_T is None else np.array(dh_T, dtype=x.dtype)
-    dc_next = np.zeros((B, H), dtype=x.dtype) if dc_T is None else np.array(dc_T, dtype=x.dtype)
+    dgates = xp.empty((T, B, G), dtype=x.dtype)   # dLoss/da: the four gate gradients, stacked
+    dh_all = xp.empty((T, B, P), dtype=x.dtype) if W_hr is not None else None
+    dh_next = xp.zeros((B, P), dtype=x.dtype) if dh_T is None else xp.array(dh_T, dtype=x.dtype)
+    dc_next = xp.zeros((B, H), dtype=x.dtype) if dc_T is None else xp.array(dc_T, dtype=x.dtype)
     for t in reversed(range(T)):
         dh = dout[t] + dh_next                    # from the output, and from step t+1
         if W_hr is not None:
@@ -124,7 +129,7 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
             dm = dh @ W_hr                        # (B, H)
         else:
             dm = dh
-        i, f, g, o = np.split(gates[t], 4, axis=1)
+        i, f, g, o = xp.split(gates[t], 4, axis=1)
         c_prev = c[t - 1] if t > 0 else c0
         do = dm * tanh_c[t]
         dc = dc_next + dm * o * (1.0 - tanh_c[t] ** 2)
@@ -139,7 +144,7 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
         dh_next = dgates[t] @ W_hh                # becomes dh_prev for step t-1
     # The weight gradients, summed over all steps, each as one product over T*B rows.
     dG = dgates.reshape(T * B, G)
-    h_prev = np.concatenate([h0[None], h[:-1]], axis=0)   # (T, B, P): the h each step received
+    h_prev = xp.concatenate([h0[None], h[:-1]], axis=0)   # (T, B, P): the h each step received
     dx = (dG @ W_ih).reshape(T, B, I)
     dW_ih = dG.T @ x.reshape(T * B, I)
     dW_hh = dG.T @ h_prev.reshape(T * B, P)
@@ -154,16 +159,17 @@ def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=Tr
     if batch_sizes is not None:
         return packed.packed_layer_forward(rnn_layer_forward, x, (h0,), (W_ih, W_hh, b, nonlinearity),
                                            batch_sizes, save=save)
+    xp = array_module(x)
     T, B, I = x.shape
     H = W_hh.shape[0]
     xa = (x.reshape(T * B, I) @ W_ih.T).reshape(T, B, H)
     if b is not None:
         xa += b
-    h = np.empty((T, B, H), dtype=x.dtype)
+    h = xp.empty((T, B, H), dtype=x.dtype)
     h_prev = h0
     for t in range(T):
         a = xa[t] + h_prev @ W_hh.T
-        h[t] = np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0.0)
+        h[t] = xp.tanh(a) if nonlinearity == "tanh" else xp.maximum(a, 0.0)
         h_prev = h[t]
     if not save:
         return h, h[-1].copy(), None
@@ -177,10 +183,11 @@ def rnn_layer_backward(dout, dh_T, cache):
     if "segments" in cache:
         return packed.packed_layer_backward(rnn_layer_backward, dout, (dh_T,), cache)
     x, h0, W_ih, W_hh, h = cache["x"], cache["h0"], cache["W_ih"], cache["W_hh"], cache["h"]
+    xp = array_module(x)
     T, B, I = x.shape
     H = W_hh.shape[0]
-    da_all = np.empty((T, B, H), dtype=x.dtype)
-    dh_next = np.zeros((B, H), dtype=x.dtype) if dh_T is None else np.array(dh_T, dtype=x.dtype)
+    da_all = xp.empty((T, B, H), dtype=x.dtype)
+    dh_next = xp.zeros((B, H), dtype=x.dtype) if dh_T is None else xp.array(dh_T, dtype=x.dtype)
     for t in reversed(range(T)):
         dh = dout[t] + dh_next
         if cache["nonlinearity"] == "tanh":
@@ -189,7 +196,7 @@ def rnn_layer_backward(dout, dh_T, cache):
             da_all[t] = dh * (h[t] > 0)
         dh_next = da_all[t] @ W_hh
     da = da_all.reshape(T * B, H)
-    h_prev = np.concatenate([h0[None], h[:-1]], axis=0)
+    h_prev = xp.concatenate([h0[None], h[:-1]], axis=0)
     dx = (da @ W_ih).reshape(T, B, I)
     dW_ih = da.T @ x.reshape(T * B, I)
     dW_hh = da.T @ h_prev.reshape(T * B, H)

@@ -34,13 +34,16 @@ sequence's own last step; nothing computed from padding reaches any gradient.
 
 gru_layer_forward / gru_layer_backward run the fused path unless LSTMKIT_REFERENCE=1 (the rule of
 module._backend); reference_* and fused_* are both public so that tests can hold one against
-the other. The backward runs the path its cache came from.
+the other. The backward runs the path its cache came from. The reference takes its array module
+from x (device.py), so it runs on CuPy arrays unchanged; the GPU's fused path is cuda_layers.py,
+and a CuPy input that reaches gru_layer_forward (LSTMKIT_REFERENCE=1 on the GPU) runs the reference.
 """
 
 import os
 
 import numpy as np
 
+from .device import array_module
 from .functional import sigmoid
 from .packed import check_batch_sizes
 
@@ -65,22 +68,23 @@ def reference_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None,
     b_ih, b_hh (G,) or None, batch_sizes (T,) or None. Returns out (T, B, H), h_T (B, H), cache
     (None when save is False: no backward will follow, as under lstmkit.no_grad()). The cache
     references x, h0 and the weights, not copies."""
+    xp = array_module(x)
     T, B, I = x.shape
     H = W_hh.shape[1]
     active = _active(batch_sizes, T, B)
-    gates = np.zeros((T, B, 3 * H), dtype=x.dtype)  # r, z, n after their nonlinearities
-    ha_n = np.zeros((T, B, H), dtype=x.dtype)       # W_hn h_{t-1} + b_hn, which dr needs
-    out = np.zeros((T, B, H), dtype=x.dtype)
-    h = np.array(h0, dtype=x.dtype)                 # the running state; finished rows keep theirs
+    gates = xp.zeros((T, B, 3 * H), dtype=x.dtype)  # r, z, n after their nonlinearities
+    ha_n = xp.zeros((T, B, H), dtype=x.dtype)       # W_hn h_{t-1} + b_hn, which dr needs
+    out = xp.zeros((T, B, H), dtype=x.dtype)
+    h = xp.array(h0, dtype=x.dtype)                 # the running state; finished rows keep theirs
     for t in range(T):
         n_t = active[t]                             # rows still running: always a prefix
         xa = x[t, :n_t] @ W_ih.T + (0 if b_ih is None else b_ih)
         ha = h[:n_t] @ W_hh.T + (0 if b_hh is None else b_hh)
         r = sigmoid(xa[:, :H] + ha[:, :H])
         z = sigmoid(xa[:, H : 2 * H] + ha[:, H : 2 * H])
-        n = np.tanh(xa[:, 2 * H :] + r * ha[:, 2 * H :])
+        n = xp.tanh(xa[:, 2 * H :] + r * ha[:, 2 * H :])
         h[:n_t] = (1.0 - z) * n + z * h[:n_t]
-        gates[t, :n_t] = np.concatenate([r, z, n], axis=1)
+        gates[t, :n_t] = xp.concatenate([r, z, n], axis=1)
         ha_n[t, :n_t] = ha[:, 2 * H :]
         out[t, :n_t] = h[:n_t]
     if not save:
@@ -95,26 +99,27 @@ def reference_backward(dout, dh_T, cache):
     """Backpropagation through time for reference_forward. dout (T, B, H), dh_T (B, H) or None.
     Returns dx, dh0, dW_ih, dW_hh, db_ih, db_hh (the biases' None when the forward had none)."""
     x, h0, W_ih, W_hh = cache["x"], cache["h0"], cache["W_ih"], cache["W_hh"]
+    xp = array_module(x)
     gates, ha_n, out, active = cache["gates"], cache["ha_n"], cache["h"], cache["active"]
     T, B, I = x.shape
     H = W_hh.shape[1]
-    dx = np.zeros_like(x)
-    dW_ih, dW_hh = np.zeros_like(W_ih), np.zeros_like(W_hh)
-    db_ih, db_hh = np.zeros(3 * H, x.dtype), np.zeros(3 * H, x.dtype)
+    dx = xp.zeros_like(x)
+    dW_ih, dW_hh = xp.zeros_like(W_ih), xp.zeros_like(W_hh)
+    db_ih, db_hh = xp.zeros(3 * H, x.dtype), xp.zeros(3 * H, x.dtype)
     # Rows not yet running (going backwards) keep the gradient given at their final state.
-    dh_next = np.zeros((B, H), x.dtype) if dh_T is None else np.array(dh_T, dtype=x.dtype)
+    dh_next = xp.zeros((B, H), x.dtype) if dh_T is None else xp.array(dh_T, dtype=x.dtype)
     for t in reversed(range(T)):
         n_t = active[t]
         h_prev = out[t - 1, :n_t] if t > 0 else h0[:n_t]
-        r, z, n = np.split(gates[t, :n_t], 3, axis=1)
+        r, z, n = xp.split(gates[t, :n_t], 3, axis=1)
         dh = dout[t, :n_t] + dh_next[:n_t]
         dn = dh * (1.0 - z)
         dz = dh * (h_prev - n)
         dan = dn * (1.0 - n * n)
         dar = dan * ha_n[t, :n_t] * r * (1.0 - r)
         daz = dz * z * (1.0 - z)
-        dxa = np.concatenate([dar, daz, dan], axis=1)          # (n_t, G)
-        dha = np.concatenate([dar, daz, dan * r], axis=1)      # (n_t, G)
+        dxa = xp.concatenate([dar, daz, dan], axis=1)          # (n_t, G)
+        dha = xp.concatenate([dar, daz, dan * r], axis=1)      # (n_t, G)
         dx[t, :n_t] = dxa @ W_ih
         dW_ih += dxa.T @ x[t, :n_t]
         dW_hh += dha.T @ h_prev
@@ -333,12 +338,16 @@ def gru_layer_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None,
     """One GRU layer, one direction: the fused path, or the reference when LSTMKIT_REFERENCE=1.
     x (T, B, I), h0 (B, H), W_ih (G, I), W_hh (G, H), b_ih, b_hh (G,) or None, batch_sizes (T,)
     or None. Returns out (T, B, H), h_T (B, H), cache (None when save is False)."""
-    forward = fused_forward if _use_fused() else reference_forward
+    forward = fused_forward if _use_fused() and isinstance(x, np.ndarray) else reference_forward
     return forward(x, h0, W_ih, W_hh, b_ih, b_hh, batch_sizes, save=save)
 
 
 def gru_layer_backward(dout, dh_T, cache):
     """Backward of gru_layer_forward, by the path that made the cache. Returns dx, dh0, dW_ih,
     dW_hh, db_ih, db_hh (None for a bias the forward did not have). Returned, not accumulated."""
-    backward = fused_backward if cache["path"] == "fused" else reference_backward
+    path = cache["path"]
+    if path == "cuda":
+        from . import cuda_layers
+        return cuda_layers.gru_layer_backward(dout, dh_T, cache)
+    backward = fused_backward if path == "fused" else reference_backward
     return backward(dout, dh_T, cache)

@@ -1,4 +1,5 @@
-"""LSTM, GRU, RNN (and the cells, in cells.py) with torch.nn's contract, on NumPy arrays.
+"""LSTM, GRU, RNN (and the cells, in cells.py) with torch.nn's contract, on NumPy arrays, or on
+CuPy arrays after module.to("cuda") (module.py and device.py say how devices work).
 
 Same constructor arguments, parameter names and shapes, initialisation U(-1/sqrt(H), 1/sqrt(H)),
 input conventions and exception types as torch.nn; plus a hand-written `backward`.
@@ -72,8 +73,8 @@ class LSTM(_RNNBase):
         N = x.shape[1]
         given = [("the input", _data_of(input))]
         if hx is None:
-            h0 = np.zeros((self.num_layers * self._D, N, self._P), dtype=self.dtype)
-            c0 = np.zeros((self.num_layers * self._D, N, self.hidden_size), dtype=self.dtype)
+            h0 = self._xp.zeros((self.num_layers * self._D, N, self._P), dtype=self.dtype)
+            c0 = self._xp.zeros((self.num_layers * self._D, N, self.hidden_size), dtype=self.dtype)
         else:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")

@@ -8,6 +8,11 @@ Shape letters
     I   input_size      H   hidden_size           P   proj_size if > 0 else hidden_size
     D   2 if bidirectional else 1                 G   gate rows: 4H (LSTM), 3H (GRU) or H (RNN)
     T   the longest sequence of a packed batch    B   its sequences        N   (packed) real tokens
+
+Devices: the stack is written against the module's array module `xp` (numpy, or cupy after
+.to("cuda")); the layers come from module._backend(xp). Dropout masks are drawn on the host by
+the module's NumPy generator (and copied to the GPU once per layer), so a seed gives the same
+masks on both devices. Packed batches run on the CPU only, so far.
 """
 
 import numbers
@@ -79,8 +84,12 @@ class _RNNBase(_Module):
         """Check the input as torch does; return it as (L, N, I), whether it was batched, and for a
         PackedSequence its packing (the input then on the sorted grid, see _prepare_packed)."""
         if isinstance(input, PackedSequence):
+            if self._xp is not np:
+                raise NotImplementedError(f"{self._name} on {self._device}: PackedSequence input is not "
+                                          "supported on the GPU yet; pad the batch, or run on the CPU")
             return self._prepare_packed(input)
-        x = np.asarray(input)
+        x = self._array(input, "the input")
+        shape = x.shape
         if x.ndim not in (2, 3):
             raise ValueError(f"{self._name}: Expected input to be 2D or 3D, got {x.ndim}D instead")
         self._check_input_dtype(x)
@@ -94,7 +103,7 @@ class _RNNBase(_Module):
             x = x.swapaxes(0, 1)
         if x.shape[0] == 0:
             raise RuntimeError(f"Expected sequence length to be larger than 0 in {self._name}, "
-                               f"got input of shape {np.asarray(input).shape}")
+                               f"got input of shape {shape}")
         return x, batched, None
 
     def _prepare_packed(self, seq):
@@ -117,7 +126,7 @@ class _RNNBase(_Module):
         input it is in the user's batch order and comes back in the sorted order (torch permutes
         h_0 by sorted_indices the same way)."""
         expected = (self.num_layers * self._D, N, size)
-        s = np.asarray(state)
+        s = self._array(state, name)
         if s.dtype != self.dtype:
             raise RuntimeError(f"{self._name}: {name} has dtype {s.dtype}, expected {self.dtype} "
                                "like the weights and the input")
@@ -149,12 +158,13 @@ class _RNNBase(_Module):
         W_ih, W_hh = p["weight_ih" + sfx], p["weight_hh" + sfx]
         if self.mode == "GRU":   # b_hn sits inside r ⊙ (W_hn h + b_hn): the biases stay apart
             b_ih, b_hh = (p["bias_ih" + sfx], p["bias_hh" + sfx]) if self.bias else (None, None)
-            out, h_T, cache = gru.gru_layer_forward(x, h0, W_ih, W_hh, b_ih, b_hh, bs, save=save)
+            forward = getattr(backend, "gru_layer_forward", gru.gru_layer_forward)   # the GPU's own
+            out, h_T, cache = forward(x, h0, W_ih, W_hh, b_ih, b_hh, bs, save=save)
             return out, h_T, None, cache
         b = self._summed_bias(sfx) if self.bias else None
         if self.mode == "LSTM":
-            # batch 1 reads W_hh transposed in the T > 1 forward loop and in every backward
-            b1 = x.shape[1] == 1 and (save or x.shape[0] > 1)
+            # batch 1 reads W_hh transposed in the T > 1 forward loop and in every backward (CPU)
+            b1 = x.shape[1] == 1 and (save or x.shape[0] > 1) and self._xp is np
             W_hh_T = self._transposed_W_hh(sfx) if b1 else None
             if bs is None:   # the hot path of generation: no extra keyword
                 return backend.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, p.get("weight_hr" + sfx),
@@ -206,8 +216,9 @@ class _RNNBase(_Module):
         D, L_ = self._D, self.num_layers
         bs = None if packing is None or packing["uniform"] else packing["bs"]
         flip = self._flip(packing) if D == 2 else None   # (a generating sampler runs this every token)
-        h_n = np.empty_like(h0)
-        c_n = np.empty_like(c0) if c0 is not None else None
+        xp = self._xp
+        h_n = xp.empty_like(h0)
+        c_n = xp.empty_like(c0) if c0 is not None else None
         caches, masks = [], []
         for layer in range(L_):
             mask = None
@@ -216,12 +227,14 @@ class _RNNBase(_Module):
                 mask = (self.dropout_rng.random(x.shape) < keep).astype(self.dtype)
                 if keep > 0:
                     mask /= keep
+                if xp is not np:
+                    mask = xp.asarray(mask)
                 x = x * mask
             masks.append(mask)
             outs, layer_caches = [], []
             for d in range(D):
                 idx = layer * D + d
-                xin = np.ascontiguousarray(x if d == 0 else flip(x))
+                xin = xp.ascontiguousarray(x if d == 0 else flip(x))
                 out, h_n[idx], c_T, cache = self._layer_forward(
                     backend, layer, d, xin, h0[idx], None if c0 is None else c0[idx], bs, save)
                 if c_T is not None:
@@ -229,7 +242,7 @@ class _RNNBase(_Module):
                 outs.append(out if d == 0 else flip(out))
                 layer_caches.append(cache)
             caches.append(layer_caches)
-            x = outs[0] if D == 1 else np.concatenate(outs, axis=2)
+            x = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
         if not save:
             return x, h_n, c_n, None
         if D == 1 and packing is None:   # the top layer's cache holds its output as h: hand out a copy
@@ -241,14 +254,15 @@ class _RNNBase(_Module):
         D, P = self._D, self._P
         backend, packing = saved["backend"], saved["packing"]
         flip = self._flip(packing)
-        dh0 = np.empty_like(dh_n)
-        dc0 = np.empty_like(dc_n) if dc_n is not None else None
+        xp = self._xp
+        dh0 = xp.empty_like(dh_n)
+        dc0 = xp.empty_like(dc_n) if dc_n is not None else None
         for layer in reversed(range(self.num_layers)):
             dx_layer = None
             for d in range(D):
                 idx = layer * D + d
                 dout = dy[:, :, d * P:(d + 1) * P]
-                dout = np.ascontiguousarray(dout if d == 0 else flip(dout))
+                dout = xp.ascontiguousarray(dout if d == 0 else flip(dout))
                 dx, dh0[idx], dc = self._layer_backward(backend, layer, d, dout, dh_n[idx],
                                                         None if dc_n is None else dc_n[idx],
                                                         saved["caches"][layer][d])
@@ -265,7 +279,7 @@ class _RNNBase(_Module):
     def _forward(self, x, h0, c0, batched, given, return_ctx, packing=None):
         """The stack forward and its context. given: [(label, array the caller passed)]."""
         self.__dict__["_last"] = None   # drop the previous context first: two sets of caches never coexist
-        backend = _backend()
+        backend = _backend(self._xp)
         save = is_grad_enabled()
         y, h_n, c_n, saved = self._run_stack(x, h0, c0, backend, save, packing)
         if packing is None:
@@ -317,8 +331,8 @@ class _RNNBase(_Module):
     def _grad_in(self, grad, name, shown):
         """A gradient given to backward, checked against the shape the forward returned; None: zeros."""
         if grad is None:
-            return np.zeros(shown, dtype=self.dtype)
-        g = np.asarray(grad)
+            return self._xp.zeros(shown, dtype=self.dtype)
+        g = self._array(grad, name)
         if g.shape != shown:
             raise RuntimeError(f"{self._name}.backward: {name} must have the shape of the forward's "
                                f"{name.removeprefix('grad_')}, {shown}, got {g.shape}")
@@ -338,7 +352,7 @@ class _RNNBase(_Module):
         x, batched, packing = self._prepare_input(input)
         N = x.shape[1]
         if hx is None:
-            h0 = np.zeros((self.num_layers * self._D, N, self.hidden_size), dtype=self.dtype)
+            h0 = self._xp.zeros((self.num_layers * self._D, N, self.hidden_size), dtype=self.dtype)
         else:
             if np.ndim(hx) != (3 if batched else 2):
                 kind, want = ("batched 3-D", 3) if batched else ("unbatched 2-D", 2)
