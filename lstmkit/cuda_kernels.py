@@ -28,7 +28,7 @@ import subprocess
 import numpy as np
 
 SOURCE = r"""
-#if defined(__CUDACC__)                  /* nvcc or NVRTC: one thread per element */
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)   /* nvcc or NVRTC: one thread per element */
 #define FOR_EACH(k, n) long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; if (k < n)
 #define KERNEL extern "C" __global__
 #else                                    /* g++ for the CPU tests: a loop over all elements */
