@@ -12,8 +12,8 @@ so the gradient is the mean over the global batch, as one process computes it, a
 shares (a classifier's last, short batch) weigh what they hold. The tail carries what the ranks
 must agree on without a second message: the global loss (Σ w_r loss_r, split into a float32 high
 and low part so that nothing is lost to float32), the stop flags (how many ranks have received
-SIGINT, and SIGTERM: any at all stops every rank after the same step) and rank 0's clock (only rank 0 adds
-to it; --minutes and the cosine schedule then read the same time on every rank).
+SIGINT, and SIGTERM: any at all stops every rank after the same step) and rank 0's clock (only
+rank 0 adds to it; --minutes and the cosine schedule then read the same time on every rank).
 
 Start: rank 0's parameters (and optimizer slots, on a resume) are broadcast to all, so every rank
 starts from the same point; at every checkpoint a CRC of each rank's parameters is compared and a
@@ -21,12 +21,18 @@ difference is an error. Rank 0 alone prints and writes checkpoints.
 
 Detection: this module is imported by every trainer, but mpi4py only when a launcher's variables
 say that the process was started by mpiexec with N > 1 (OMPI_COMM_WORLD_SIZE, PMI_SIZE,
-PMIX_RANK), so `lstmkit` alone starts as light as ever and never needs MPI. Without them, WORLD is
-Single: rank 0 of 1, every collective the identity.
+PMIX_RANK), so `lstmkit` alone starts as light as ever and never needs MPI. Without them, world()
+is Single: rank 0 of 1, every collective the identity.
 
-Dropout: each rank draws the GLOBAL batch's mask from the shared generator and keeps its own
-rows (SlicedRNG), so the generators stay equal on all ranks and rank r's mask is the rows of one
-process's mask: N ranks reproduce one process, dropout included.
+Failures: an error is one line for the whole job (report_failure): a bad flag or file fails alike
+on every rank and rank 0 says it; an error on one rank alone names the rank and aborts the job (the
+others wait in a collective). A rank killed outright (SIGKILL, the OOM killer) cannot speak: the
+launcher ends the job with its own message (MPICH: "BAD TERMINATION ... EXIT CODE: 9"). Either way
+the last checkpoint stays whole: rank 0 writes it atomically (checkpoint.py).
+
+Dropout: each rank takes its own rows of the GLOBAL batch's mask from the shared generator,
+jumping over the other ranks' numbers (SlicedRNG), so the generators stay equal on all ranks and
+rank r's mask is the rows of one process's mask: N ranks reproduce one process, dropout included.
 
 Shape letters: N ranks, r a rank, P parameters (all tensors flattened), L layers, B global batch,
 b = B / N a rank's share, H hidden size, T time steps.
@@ -88,8 +94,9 @@ def _split_float(x: float) -> tuple[np.float32, np.float32]:
 
 class SlicedRNG:
     """Stands in for a module's dropout Generator (modules.py calls `dropout_rng.random(x.shape)`):
-    draws the GLOBAL batch's array and returns this rank's rows of it, so the generator advances
-    alike on every rank and rank r's mask is exactly one process's rows [lo, hi).
+    returns this rank's rows [lo, hi) of the array one process would draw for the GLOBAL batch,
+    and leaves the generator where that draw would, alike on every rank: rank r's mask is exactly
+    one process's rows.
 
     axis: the batch axis of the arrays drawn (1 for the LSTM's (T, b, I) input, 0 for (b, F)).
     set(total, lo, hi, steps): the global batch size B, this rank's rows, and for axis 1 the global
@@ -287,10 +294,9 @@ def report_failure(err, line, code) -> int:
     """An error that ends the command: print `line` on stderr once per job and return `code`.
     One process: as always. Before every rank has reported in (World.agree): the lowest failing
     rank prints (a bad flag fails alike on all), the others exit quietly with the same code; before
-    MPI started at all, rank 0 (from the launcher's variables) prints. After the start, an error
-    raised alike on every rank (its class marked `collective`) is printed by rank 0; any other is
-    this rank's alone, so it names the rank and aborts the job, whose other ranks are waiting in a
-    collective and would never return."""
+    MPI started at all, rank 0 (from the launcher's variables) prints. After the start an error
+    here is this rank's alone (those raised alike on every rank go to report_collective), so it
+    names the rank and aborts the job, whose other ranks wait in a collective and would never return."""
     w = _world
     if w is None or w.size == 1:
         if w is None and launched_rank() != 0:
@@ -317,3 +323,61 @@ def report_collective(err, line, code) -> int:
 def null_output():
     """Where ranks other than 0 print: nowhere (rank 0 alone prints progress and samples)."""
     return open(os.devnull, "w")
+
+
+class DataParallel:
+    """What trainer.TrainerBase does under MPI, kept here beside the collectives it uses; with one
+    process (Single) each method is the one-process behaviour. The loop calls, on every rank alike:
+    _reduce after backward, _stop_requested before each step, _add_time for time spent, and
+    _checkpoint to save; run() starts with world.agree and _start_world."""
+
+    def _init_world(self):
+        self.world = world()
+        self.rank0 = self.world.rank == 0
+        self.share = 1.0 / self.world.size     # this rank's weight in the global mean (n_r / n)
+        self._agreed_stop = 0                  # the stop signal the ranks agreed on at the last step
+        self._flat = None                      # the flat gradient buffer (model.flatten_grads)
+
+    def _start_world(self):
+        """Once every rank's set-up has succeeded: rank 0's parameters and optimizer slots on all
+        ranks, and the gradients in one flat buffer for the step's one Allreduce."""
+        self.world.broadcast(list(self.model.params.values()) + list(self.optimizer.state_arrays().values()))
+        self._flat = self.model.flatten_grads(TAIL)
+        self._clock = self.elapsed
+
+    def _reduce(self, loss):
+        """The step's one Allreduce: the gradients become the global batch's mean on every rank;
+        returns the global loss, and takes in the agreed stop signal and rank 0's clock."""
+        loss, self._agreed_stop, self.elapsed = self.world.reduce_step(
+            self._flat, self.share, loss, self.stop_signal or 0, self._clock)
+        return loss
+
+    def _stop_requested(self):
+        """One process: a signal has arrived. MPI: the ranks agreed at the last step that one has
+        arrived somewhere (the step's Allreduce carries it), so all stop after the same step."""
+        if self.world.size == 1:
+            return self.stop_signal is not None
+        if self._agreed_stop:
+            self.stop_signal = self._agreed_stop
+        return bool(self._agreed_stop)
+
+    def _add_time(self, dt):
+        """Training time towards --minutes. Under MPI rank 0's clock is the one that counts: it
+        reaches every rank in the next step's Allreduce (_reduce), so that every rank decides alike
+        when the budget is spent and which learning rate the cosine schedule gives (elapsed lags
+        rank 0's clock by at most one step)."""
+        if self.world.size == 1:
+            self.elapsed += dt
+        else:
+            self._clock += dt
+
+    def _checkpoint(self, best=False):
+        """Save (rank 0), after checking that every rank holds the same parameters and gathering
+        what the ranks hold apart (_collect): all ranks call this together."""
+        self.world.check_same(self.model.params, self.step)
+        self._collect()
+        if self.rank0:
+            self.save(best=best)
+
+    def _collect(self):
+        """Gather to rank 0 what save() needs from every rank (the LM's carried state)."""

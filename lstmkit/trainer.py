@@ -42,7 +42,7 @@ import numpy as np
 
 from .checkpoint import POINTER, CheckpointError, atomic_write, read_pointer, run_lock, run_state
 from .config import EXPLODE_FACTOR, MAIN_JOB_MINUTES, LMError
-from .distributed import TAIL, null_output, world
+from .distributed import DataParallel, null_output
 from .optim import clip_grad_norm, clip_grad_value, make_optimizer, scheduled_lr
 
 
@@ -81,8 +81,9 @@ def plural(n, word):
     return f"{n:g} {word}" + ("" if n == 1 else "s")
 
 
-class TrainerBase:
-    """The shared loop; see the module docstring for the hooks a subclass provides."""
+class TrainerBase(DataParallel):
+    """The shared loop; see the module docstring for the hooks a subclass provides (and
+    distributed.DataParallel for what it does under MPI)."""
 
     metric = "score"            # the validation metric's name, as printed
     val_key = "val_score"       # its list in the history (state.json)
@@ -92,16 +93,12 @@ class TrainerBase:
     resume_command = "lstmkit train"     # printed after Ctrl-C: how to continue
 
     def __init__(self, out_dir, progress=True, out=None, err=None):
-        self.world = world()            # distributed.Single for one process
-        self.rank0 = self.world.rank == 0
+        self._init_world()              # self.world: distributed.Single for one process
         self.out = (out or sys.stdout) if self.rank0 else null_output()   # rank 0 alone prints
         self.err = err or sys.stderr
         self.progress = progress and self.rank0
         self.out_dir = out_dir
         self.stop_signal = None
-        self._agreed_stop = 0           # under MPI: the stop signal all ranks agreed on at the last step
-        self._flat = None               # under MPI: the flat gradient buffer (model.flatten_grads)
-        self.share = 1.0 / self.world.size   # this rank's weight in the global mean (n_r / n)
 
     # -- set-up ---------------------------------------------------------------------------------
     def _check_out_dir(self, out_dir):
@@ -236,31 +233,6 @@ class TrainerBase:
     def _on_signal(self, signum, frame):
         self.stop_signal = signum
 
-    def _stop_requested(self):
-        """One process: a signal has arrived. MPI: the ranks agreed at the last step that one has
-        arrived somewhere (the step's Allreduce carries it), so all stop after the same step."""
-        if self.world.size == 1:
-            return self.stop_signal is not None
-        if self._agreed_stop:
-            self.stop_signal = self._agreed_stop
-        return bool(self._agreed_stop)
-
-    def _add_time(self, dt):
-        """Training time towards --minutes. Under MPI rank 0's clock is the one that counts: it
-        reaches every rank in the next step's Allreduce (_train_step), so that every rank decides
-        alike when the budget is spent and which learning rate the cosine schedule gives."""
-        if self.world.size == 1:
-            self.elapsed += dt
-        else:
-            self._clock += dt
-
-    def _start_world(self):
-        """Under MPI, once every rank's set-up has succeeded: rank 0's parameters and optimizer
-        slots on all ranks, and the gradients in one flat buffer for the step's one Allreduce."""
-        self.world.broadcast(list(self.model.params.values()) + list(self.optimizer.state_arrays().values()))
-        self._flat = self.model.flatten_grads(TAIL)
-        self._clock = self.elapsed
-
     def run(self) -> dict:
         if self.world.agree(failed=False) is not None:   # another rank's set-up failed; it says why
             return self._result("failed elsewhere")
@@ -314,9 +286,8 @@ class TrainerBase:
         if self.world.size == 1:
             self._check_loss(loss)              # before a backward through NaNs
         model.backward()
-        if self.world.size > 1:                 # the mean gradient, loss, stop flag and clock of all ranks
-            loss, self._agreed_stop, self.elapsed = self.world.reduce_step(
-                self._flat, self.share, loss, self.stop_signal or 0, self._clock)
+        if self.world.size > 1:
+            loss = self._reduce(loss)           # the mean gradient and loss of all ranks
             self._check_loss(loss)              # the same number on every rank: all stop alike
         if cfg.grad_clip > 0:
             if cfg.clip_mode == "norm":
@@ -337,17 +308,6 @@ class TrainerBase:
         if self.best_val is None:
             return True
         return val > self.best_val if self.higher_is_better else val < self.best_val
-
-    def _checkpoint(self, best=False):
-        """Save (rank 0), after checking that every rank holds the same parameters and gathering
-        what the ranks hold apart (_collect): all ranks call this together."""
-        self.world.check_same(self.model.params, self.step)
-        self._collect()
-        if self.rank0:
-            self.save(best=best)
-
-    def _collect(self):
-        """Under MPI: gather to rank 0 what save() needs from every rank (the LM's carried state)."""
 
     def _validate_and_save(self, loss, rate):
         t0 = time.perf_counter()
