@@ -31,11 +31,22 @@ SOURCE = r"""
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)   /* nvcc or NVRTC: one thread per element */
 #define FOR_EACH(k, n) long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; if (k < n)
 #define KERNEL extern "C" __global__
+/* a warp (32 lanes) per unit j: each lane sums its share, the warp adds the 32 partial sums */
+#define FOR_EACH_UNIT(j, n) long long j = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32; if (j < n)
+#define FOR_EACH_LANE(lane) for (int lane = threadIdx.x % 32, end_ = lane + 1; lane < end_; ++lane)
+#define WARP_SUM4(s) for (int q_ = 0; q_ < 4; ++q_) \
+                         for (int o_ = 16; o_ > 0; o_ >>= 1) s[q_] += __shfl_down_sync(0xffffffffu, s[q_], o_)
+#define LANE_ZERO (threadIdx.x % 32 == 0)
 #else                                    /* g++ for the CPU tests: a loop over all elements */
 #include <math.h>
 #define __device__
 #define FOR_EACH(k, n) for (long long k = 0; k < n; ++k)
 #define KERNEL extern "C"
+/* the 32 lanes of a unit one after another, their partial sums added as they go */
+#define FOR_EACH_UNIT(j, n) for (long long j = 0; j < n; ++j)
+#define FOR_EACH_LANE(lane) for (int lane = 0; lane < 32; ++lane)
+#define WARP_SUM4(s)
+#define LANE_ZERO true
 #endif
 
 __device__ inline float tanh_(float x) { return tanhf(x); }
@@ -70,6 +81,33 @@ template <typename T> __device__ inline void lstm_bwd(long long k, int H, const 
     da[row + 2 * H + j] = dct * i * (T(1) - g * g);
     da[row + 3 * H + j] = dm * tc * o * (T(1) - o);
     dc[k] = dct * f;
+}
+
+/* LSTM, batch 1, one step (generation; a cell at batch 1): a = W_ih x + W_hh h + b and the cell
+   update in ONE launch, no cuBLAS. Unit j's four gate rows (i, f, g, o: rows j, H+j, 2H+j, 3H+j)
+   are read by one warp, lane l taking columns l, l+32, ... (consecutive lanes, consecutive
+   addresses: coalesced); at this size the step is bound by reading the weights, which stay in L2. */
+template <typename T> __device__ inline void lstm_b1_partial(long long j, int lane, int H, int I, const T* x,
+                                                             const T* hp, const T* W_ih, const T* W_hh, T* s) {
+    for (int q = 0; q < 4; ++q) {
+        const T* wi = W_ih + (q * H + j) * I;
+        const T* wh = W_hh + (q * H + j) * H;
+        T acc = T(0);
+        for (int k = lane; k < I; k += 32) acc += wi[k] * x[k];
+        for (int k = lane; k < H; k += 32) acc += wh[k] * hp[k];
+        s[q] += acc;
+    }
+}
+template <typename T> __device__ inline void lstm_b1_finish(long long j, int H, const T* s, const T* b, int has_b,
+                                                            const T* c_prev, T* gates, T* c, T* h) {
+    T i = sigmoid_(s[0] + (has_b ? b[j] : T(0)));
+    T f = sigmoid_(s[1] + (has_b ? b[H + j] : T(0)));
+    T g = tanh_(s[2] + (has_b ? b[2 * H + j] : T(0)));
+    T o = sigmoid_(s[3] + (has_b ? b[3 * H + j] : T(0)));
+    T ct = f * c_prev[j] + i * g;
+    gates[j] = i; gates[H + j] = f; gates[2 * H + j] = g; gates[3 * H + j] = o;
+    c[j] = ct;
+    h[j] = o * tanh_(ct);
 }
 
 /* RNN forward: h = tanh or relu(a + r);  backward: da = (dy + dr) * phi'(h). */
@@ -125,7 +163,16 @@ KERNEL void gru_fwd_##S(long long n, int H, T* a, const T* r, const T* bh, const
     { FOR_EACH(k, n) gru_fwd<T>(k, H, a, r, bh, hp, hn, h); }                                      \
 KERNEL void gru_bwd_##S(long long n, int H, const T* gt, const T* hn, const T* hp, const T* dy,     \
                         T* dhz, const T* dhr, T* dxa, T* dha)                                      \
-    { FOR_EACH(k, n) gru_bwd<T>(k, H, gt, hn, hp, dy, dhz, dhr, dxa, dha); }
+    { FOR_EACH(k, n) gru_bwd<T>(k, H, gt, hn, hp, dy, dhz, dhr, dxa, dha); }                       \
+KERNEL void lstm_b1_##S(long long n, int H, int I, const T* x, const T* hp, const T* cp, const T* W_ih, \
+                        const T* W_hh, const T* b, int has_b, T* gates, T* c, T* h) {              \
+    FOR_EACH_UNIT(j, n) {                                                                          \
+        T s[4] = {T(0), T(0), T(0), T(0)};                                                         \
+        FOR_EACH_LANE(lane) lstm_b1_partial<T>(j, lane, H, I, x, hp, W_ih, W_hh, s);               \
+        WARP_SUM4(s);                                                                              \
+        if (LANE_ZERO) lstm_b1_finish<T>(j, H, s, b, has_b, cp, gates, c, h);                      \
+    }                                                                                              \
+}
 
 INSTANTIATE(float, f32)
 INSTANTIATE(double, f64)
@@ -139,7 +186,9 @@ SIGNATURES = {
     "rnn_bwd": "pppip",
     "gru_fwd": "ipppppp",
     "gru_bwd": "ipppppppp",
+    "lstm_b1": "iippppppippp",
 }
+LANES = {"lstm_b1": 32}   # threads per element (unit) where a warp shares one; 1 elsewhere
 _SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 THREADS = 256     # per block: a multiple of the warp, enough blocks at B*H >= 64k to fill an H200
 
@@ -177,7 +226,8 @@ class CupyKernels:
         if fn is None:
             fn = self._functions[key] = self._module.get_function(f"{name}_{_SUFFIX[dtype]}")
         values = [np.int32(a) if kind == "i" else a for kind, a in zip(SIGNATURES[name], args)]
-        fn(((n + THREADS - 1) // THREADS,), (THREADS,), (np.int64(n), *values))
+        threads = n * LANES.get(name, 1)
+        fn(((threads + THREADS - 1) // THREADS,), (THREADS,), (np.int64(n), *values))
 
 
 class CpuKernels:

@@ -43,6 +43,8 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     T, B, I = x.shape
     G, P = W_hh.shape
     H = G // 4
+    if B == 1 and T == 1 and W_hr is None:      # a generated token: one launch
+        return _lstm_step_b1(xp, run, x, h0, c0, W_ih, W_hh, b, save)
     gates = xp.matmul(x.reshape(T * B, I), W_ih.T).reshape(T, B, G)   # x_t W_ih^T + b, then the gates
     if b is not None:
         gates += b
@@ -63,6 +65,27 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     cache = {"x": x, "h0": h0, "c0": c0, "W_ih": W_ih, "W_hh": W_hh, "W_hr": W_hr, "has_bias": b is not None,
              "gates": gates, "c": c, "m": m, "h": h}
     return h, h[-1].copy(), c[-1].copy(), cache
+
+
+def _lstm_step_b1(xp, run, x, h0, c0, W_ih, W_hh, b, save):
+    """One step of one sequence (generation, a cell at batch 1): both products and the cell update
+    in ONE kernel launch (lstm_b1), since at this size launches, not arithmetic, cost the time.
+    The same returns and cache as the loop's, so the backward is the same. Without save, h_T and
+    c_T are views of the new buffers: the callers (rnn_base, cells) copy or hand them out, and
+    nothing else holds those buffers."""
+    G, H = W_hh.shape
+    gates = xp.empty((1, 1, G), x.dtype)
+    c = xp.empty((1, 1, H), x.dtype)
+    h = xp.empty((1, 1, H), x.dtype)
+    h0, c0 = xp.ascontiguousarray(h0), xp.ascontiguousarray(c0)
+    W_ih, W_hh = xp.ascontiguousarray(W_ih), xp.ascontiguousarray(W_hh)    # no-ops for parameters
+    run("lstm_b1", H, H, x.shape[2], x, h0, c0, W_ih, W_hh, W_ih if b is None else b, int(b is not None),
+        gates, c, h)
+    if not save:
+        return h, h[0], c[0], None
+    cache = {"x": x, "h0": h0, "c0": c0, "W_ih": W_ih, "W_hh": W_hh, "W_hr": None,
+             "has_bias": b is not None, "gates": gates, "c": c, "m": None, "h": h}
+    return h, h[0].copy(), c[0].copy(), cache
 
 
 def lstm_layer_backward(dout, dh_T, dc_T, cache):

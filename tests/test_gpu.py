@@ -80,9 +80,12 @@ def test_launch_refuses_non_contiguous_and_mixed_dtypes(cpu_kernels):
 # ---------------------------------------------------------------------- layers vs the reference
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("proj,bias,given", [(0, True, True), (3, True, False), (0, False, False), (3, False, True)])
-def test_lstm_layer_matches_reference(cpu_kernels, dtype, proj, bias, given):
+@pytest.mark.parametrize("T,B", [(5, 3), (1, 1), (4, 1)], ids=["loop", "one-launch-step", "batch1-loop"])
+def test_lstm_layer_matches_reference(cpu_kernels, dtype, proj, bias, given, T, B):
+    """(1, 1) without projection is the one-launch step (lstm_b1): I = 37 and H = 6, so its
+    32-lane split of the dot products has lanes with one column, two, and none."""
     rng = np.random.default_rng(1)
-    T, B, I, H = 5, 3, 4, 6
+    I, H = 37, 6
     P = proj or H
     x, h0, c0 = _rand(rng, (T, B, I), dtype), _rand(rng, (B, P), dtype), _rand(rng, (B, H), dtype)
     W_ih, W_hh = _rand(rng, (4 * H, I), dtype, 0.5), _rand(rng, (4 * H, P), dtype, 0.5)

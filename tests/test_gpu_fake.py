@@ -268,3 +268,25 @@ def test_guards_hold_on_the_gpu(fake_cupy):
     lstm.to("cpu")
     with pytest.raises(RuntimeError, match="modified in place"):
         lstm.backward(np.ones((2, 4)), ctx=ctx)
+
+
+def test_generation_and_batch1_cells_take_the_one_launch_step(fake_cupy, monkeypatch):
+    """Tokens one at a time (batch 1, under no_grad) and an LSTMCell at batch 1 with its backward
+    run cuda_layers' one-launch step, and agree with the CPU to float64 rounding."""
+    from lstmkit import cuda_layers
+    calls = []
+    step = cuda_layers._lstm_step_b1
+    monkeypatch.setattr(cuda_layers, "_lstm_step_b1", lambda *a: calls.append(1) or step(*a))
+    x = np.random.default_rng(0).standard_normal((6, 1, 5))
+    cpu = lstmkit.LSTM(5, 5, num_layers=2, dtype=np.float64, seed=3)
+    gpu = lstmkit.LSTM(5, 5, num_layers=2, dtype=np.float64, seed=3).to("cuda")
+    state_c = state_g = None
+    with lstmkit.no_grad():
+        for t in range(6):
+            out_c, state_c = cpu(x[t:t + 1], state_c)
+            out_g, state_g = gpu(fake_cupy.asarray(x[t:t + 1]), state_g)
+            np.testing.assert_allclose(out_g.get(), out_c, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(state_g[1].get(), state_c[1], rtol=1e-12, atol=1e-12)
+    assert len(calls) == 12                     # 6 tokens x 2 layers
+    gpu_parity.check_cell(lstmkit.LSTMCell, np.float64, "cuda", "cpu", N=1)
+    assert len(calls) == 13
