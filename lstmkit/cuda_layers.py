@@ -20,16 +20,13 @@ Per step, backward:  one kernel for all the local gradients (tanh(c_t) recompute
 After the loops, the weight gradients are one product each over all T*B rows, as on the CPU.
 
 The kernels index raw memory, so every array they get is C-contiguous (checked at launch).
-Packed batches (batch_sizes) are not handled here yet: the modules refuse them on the GPU.
+Packed batches (batch_sizes): packed.py's segment runner calls these layers once per run of
+steps with the same batch size, over the rows still running (the reference's way; the CPU's
+fused layers keep the real rows packed instead, which the GPU path does not do yet).
 """
 
-from . import cuda_kernels
+from . import cuda_kernels, packed
 from .device import array_module
-
-
-def _no_packing(batch_sizes):
-    if batch_sizes is not None:
-        raise NotImplementedError("packed batches (batch_sizes) are not supported on the GPU yet")
 
 
 # ====================================================================== LSTM
@@ -37,7 +34,9 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
                        batch_sizes=None):
     """functional.lstm_layer_forward's contract on the GPU (W_hh_T is not needed here: cuBLAS
     reads W_hh transposed as it is). Returns out (T, B, P), h_T, c_T, cache (None without save)."""
-    _no_packing(batch_sizes)
+    if batch_sizes is not None:
+        return packed.packed_layer_forward(lstm_layer_forward, x, (h0, c0), (W_ih, W_hh, b, W_hr),
+                                           batch_sizes, save=save)
     xp = array_module(x)
     run = cuda_kernels.kernels_for(xp)
     T, B, I = x.shape
@@ -90,6 +89,8 @@ def _lstm_step_b1(xp, run, x, h0, c0, W_ih, W_hh, b, save):
 
 def lstm_layer_backward(dout, dh_T, dc_T, cache):
     """functional.lstm_layer_backward's contract: dx, dh0, dc0, dW_ih, dW_hh, db, dW_hr."""
+    if "segments" in cache:      # a packed batch: the segment runner's cache
+        return packed.packed_layer_backward(lstm_layer_backward, dout, (dh_T, dc_T), cache)
     x, h0, c0 = cache["x"], cache["h0"], cache["c0"]
     W_ih, W_hh, W_hr = cache["W_ih"], cache["W_hh"], cache["W_hr"]
     gates, c, m, h = cache["gates"], cache["c"], cache["m"], cache["h"]
@@ -131,7 +132,9 @@ def _state(xp, given, shape, dtype):
 # ====================================================================== RNN
 def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=True, batch_sizes=None):
     """functional.rnn_layer_forward's contract: out (T, B, H), h_T, cache (None without save)."""
-    _no_packing(batch_sizes)
+    if batch_sizes is not None:
+        return packed.packed_layer_forward(rnn_layer_forward, x, (h0,), (W_ih, W_hh, b, nonlinearity),
+                                           batch_sizes, save=save)
     xp = array_module(x)
     run = cuda_kernels.kernels_for(xp)
     T, B, I = x.shape
@@ -156,6 +159,8 @@ def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=Tr
 
 def rnn_layer_backward(dout, dh_T, cache):
     """functional.rnn_layer_backward's contract: dx, dh0, dW_ih, dW_hh, db."""
+    if "segments" in cache:
+        return packed.packed_layer_backward(rnn_layer_backward, dout, (dh_T,), cache)
     x, h0, W_ih, W_hh, h = cache["x"], cache["h0"], cache["W_ih"], cache["W_hh"], cache["h"]
     xp = array_module(x)
     run = cuda_kernels.kernels_for(xp)
@@ -179,7 +184,10 @@ def rnn_layer_backward(dout, dh_T, cache):
 def gru_layer_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None, *, save=True):
     """gru.gru_layer_forward's contract: out (T, B, H), h_T, cache (None without save). b_hh is
     added inside the kernel, since r scales W_hn h + b_hn (gru.py)."""
-    _no_packing(batch_sizes)
+    if batch_sizes is not None:   # "path" routes gru.gru_layer_backward back here
+        out, h_T, cache = packed.packed_layer_forward(gru_layer_forward, x, (h0,), (W_ih, W_hh, b_ih, b_hh),
+                                                      batch_sizes, save=save)
+        return out, h_T, None if cache is None else dict(cache, path="cuda")
     xp = array_module(x)
     run = cuda_kernels.kernels_for(xp)
     T, B, I = x.shape
@@ -206,6 +214,8 @@ def gru_layer_forward(x, h0, W_ih, W_hh, b_ih=None, b_hh=None, batch_sizes=None,
 
 def gru_layer_backward(dout, dh_T, cache):
     """gru.gru_layer_backward's contract: dx, dh0, dW_ih, dW_hh, db_ih, db_hh (None without)."""
+    if "segments" in cache:
+        return packed.packed_layer_backward(gru_layer_backward, dout, (dh_T,), cache)
     x, h0, W_ih, W_hh = cache["x"], cache["h0"], cache["W_ih"], cache["W_hh"]
     gates, ha_n, h = cache["gates"], cache["ha_n"], cache["h"]
     xp = array_module(x)

@@ -22,6 +22,11 @@ of equal batch size is one ordinary layer call on its active rows only, carrying
 from one call to the next. The cost is the real tokens plus one call per distinct batch size.
 The fused layers (kernels.py, gru.py) take batch_sizes themselves and keep the real rows packed.
 
+Devices: the layout (batch_sizes, lengths, indices) is always host NumPy, as torch keeps
+batch_sizes on the CPU; the data and the states may be CuPy arrays (a module on the GPU), so the
+functions that move data take their array module from it (device.py) and send their index arrays
+to its device.
+
 Modules (modules.py) take a PackedSequence through packing (its layout, checked), to_grid /
 from_grid (data <-> the sorted grid), sort_batch / unsort_batch (states in the user's order, as
 torch permutes them) and reverse_within_lengths (the reverse direction).
@@ -29,7 +34,13 @@ torch permutes them) and reverse_within_lengths (the reverse direction).
 
 import numpy as np
 
+from .device import array_module
 from .utils.rnn import PackedSequence, _lengths_of
+
+
+def _index(xp, idx):
+    """A host index array as one `xp` indexes with (on the GPU: copied there, once per call)."""
+    return idx if xp is np else xp.asarray(idx)
 
 
 def check_batch_sizes(batch_sizes, T, B):
@@ -104,8 +115,9 @@ def to_grid(data, batch_sizes):
     T, B = batch_sizes.shape[0], int(batch_sizes[0])
     if batch_sizes[-1] == B:
         return data.reshape((T, B) + data.shape[1:])
-    x = np.zeros((T, B) + data.shape[1:], data.dtype)
-    x.reshape((T * B,) + data.shape[1:])[_rows(batch_sizes)] = data
+    xp = array_module(data)
+    x = xp.zeros((T, B) + data.shape[1:], data.dtype)
+    x.reshape((T * B,) + data.shape[1:])[_index(xp, _rows(batch_sizes))] = data
     return x
 
 
@@ -113,7 +125,10 @@ def from_grid(x, batch_sizes):
     """(T, B, *) on the sorted grid -> its real rows (N, *) in packed order (a new array)."""
     T, B = batch_sizes.shape[0], int(batch_sizes[0])
     flat = x.reshape((T * B,) + x.shape[2:])
-    return flat.copy() if batch_sizes[-1] == B else np.take(flat, _rows(batch_sizes), axis=0)
+    if batch_sizes[-1] == B:
+        return flat.copy()
+    xp = array_module(x)
+    return xp.take(flat, _index(xp, _rows(batch_sizes)), axis=0)
 
 
 def _rows(batch_sizes):
@@ -128,12 +143,18 @@ def _grid(lengths, T):
 
 def sort_batch(state, sorted_indices, axis=1):
     """A state (…, B, H) given in the user's order -> the sorted order (no-op for None indices)."""
-    return state if sorted_indices is None else np.take(state, sorted_indices, axis=axis)
+    if sorted_indices is None:
+        return state
+    xp = array_module(state)
+    return xp.take(state, _index(xp, np.asarray(sorted_indices)), axis=axis)
 
 
 def unsort_batch(state, unsorted_indices, axis=1):
     """A final state in sorted order -> the user's order, as torch's h_n / c_n are."""
-    return state if unsorted_indices is None else np.take(state, unsorted_indices, axis=axis)
+    if unsorted_indices is None:
+        return state
+    xp = array_module(state)
+    return xp.take(state, _index(xp, np.asarray(unsorted_indices)), axis=axis)
 
 
 def reverse_within_lengths(x, lengths):
@@ -143,7 +164,8 @@ def reverse_within_lengths(x, lengths):
     t = np.arange(T)[:, None]
     src = np.where(t < lengths[None, :], lengths[None, :] - 1 - t, t)     # (T, B) source step
     # one gather of whole rows over the flat (T*B, *) view: faster than indexing (T, B) pairs
-    flat = np.take(x.reshape((T * B,) + x.shape[2:]), (src * B + np.arange(B)).reshape(-1), axis=0)
+    xp = array_module(x)
+    flat = xp.take(x.reshape((T * B,) + x.shape[2:]), _index(xp, (src * B + np.arange(B)).reshape(-1)), axis=0)
     return flat.reshape(x.shape)
 
 
@@ -163,14 +185,15 @@ def packed_layer_forward(forward, x, states, params, batch_sizes, *, save=True):
     extra = {} if save else {"save": False}    # layers without that mode still run
     T, B = x.shape[:2]
     bs = check_batch_sizes(batch_sizes, T, B)
-    state = [np.array(s) for s in states]            # running state; rows [:n] advance per call
+    xp = array_module(x)
+    state = [xp.array(s) for s in states]            # running state; rows [:n] advance per call
     out, caches = None, []
     for t0, t1, n in segments(bs):
         # Copies: the layer's cache keeps its initial state, and `state` is overwritten below.
         result = forward(x[t0:t1, :n], *(s[:n].copy() for s in state), *params, **extra)
         seg_out, seg_final, cache = result[0], result[1:-1], result[-1]
         if out is None:
-            out = np.zeros((T, B) + seg_out.shape[2:], seg_out.dtype)
+            out = xp.zeros((T, B) + seg_out.shape[2:], seg_out.dtype)
         out[t0:t1, :n] = seg_out
         for s, final in zip(state, seg_final):
             s[:n] = final
@@ -190,9 +213,10 @@ def packed_layer_backward(backward, dout, dstates, cache):
     sequence still running in the next call, that call's gradient at its initial state, and for
     one that ended here, the gradient given at its final state: nothing else reaches them."""
     dt = cache["x_dtype"]
-    dstate = [np.zeros(shape, dt) if d is None else np.array(d, dtype=dt)
+    xp = array_module(dout)
+    dstate = [xp.zeros(shape, dt) if d is None else xp.array(d, dtype=dt)
               for d, shape in zip(dstates, cache["state_shapes"])]
-    dx = np.zeros(cache["x_shape"], dt)
+    dx = xp.zeros(cache["x_shape"], dt)
     dparams = None
     for (t0, t1, n), seg_cache in zip(reversed(cache["segments"]), reversed(cache["caches"])):
         result = backward(dout[t0:t1, :n], *(d[:n] for d in dstate), seg_cache)

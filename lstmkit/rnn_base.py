@@ -12,7 +12,8 @@ Shape letters
 Devices: the stack is written against the module's array module `xp` (numpy, or cupy after
 .to("cuda")); the layers come from module._backend(xp). Dropout masks are drawn on the host by
 the module's NumPy generator (and copied to the GPU once per layer), so a seed gives the same
-masks on both devices. Packed batches run on the CPU only, so far.
+masks on both devices. A packed batch on the GPU has its data there and its layout (batch_sizes,
+indices) on the host, as torch keeps batch_sizes on the CPU.
 """
 
 import numbers
@@ -84,9 +85,6 @@ class _RNNBase(_Module):
         """Check the input as torch does; return it as (L, N, I), whether it was batched, and for a
         PackedSequence its packing (the input then on the sorted grid, see _prepare_packed)."""
         if isinstance(input, PackedSequence):
-            if self._xp is not np:
-                raise NotImplementedError(f"{self._name} on {self._device}: PackedSequence input is not "
-                                          "supported on the GPU yet; pad the batch, or run on the CPU")
             return self._prepare_packed(input)
         x = self._array(input, "the input")
         shape = x.shape
@@ -110,7 +108,7 @@ class _RNNBase(_Module):
         """A PackedSequence's data checked as torch checks it ((N, I), the weights' dtype), its
         layout by packed.packing. Returns x (T, B, I) on the sorted grid, True, and the packing.
         batch_first does not apply: a PackedSequence has one layout, as in torch."""
-        data = np.asarray(seq.data)
+        data = self._array(seq.data, "the input's data")
         self._check_input_dtype(data)
         if data.ndim != 2:
             raise RuntimeError(f"{self._name}: input must have 2 dimensions, got {data.ndim} "

@@ -147,11 +147,36 @@ def test_gru_layer_matches_reference(cpu_kernels, dtype, bias_ih, bias_hh, given
         _close(g, w, dtype, what)
 
 
-def test_layers_refuse_packed_batches(cpu_kernels):
-    x = np.zeros((2, 2, 3))
-    with pytest.raises(NotImplementedError, match="packed batches"):
-        cuda_layers.rnn_layer_forward(x, np.zeros((2, 4)), np.zeros((4, 3)), np.zeros((4, 4)),
-                                      batch_sizes=np.array([2, 1]))
+@pytest.mark.parametrize("cell", ["LSTM", "RNN", "GRU"])
+def test_layers_run_packed_batches_as_the_reference(cpu_kernels, cell):
+    """batch_sizes: the segment runner over the GPU layers, against the reference's packed run
+    (functional.py's through the same runner, gru.py's natively), gradients included."""
+    rng = np.random.default_rng(4)
+    T, B, I, H = 5, 3, 4, 6
+    bs = np.array([3, 3, 2, 1, 1])
+    G = {"LSTM": 4, "GRU": 3, "RNN": 1}[cell] * H
+    x, h0, c0 = _rand(rng, (T, B, I), np.float64), _rand(rng, (B, H), np.float64), _rand(rng, (B, H), np.float64)
+    W = (_rand(rng, (G, I), np.float64, 0.5), _rand(rng, (G, H), np.float64, 0.5), _rand(rng, (G,), np.float64))
+    dout, dh = _rand(rng, (T, B, H), np.float64), _rand(rng, (B, H), np.float64)
+    if cell == "LSTM":
+        ours = cuda_layers.lstm_layer_forward(x, h0, c0, *W, batch_sizes=bs)
+        ref = functional.lstm_layer_forward(x, h0, c0, *W, batch_sizes=bs)
+        got = cuda_layers.lstm_layer_backward(dout, dh, None, ours[-1])
+        want = functional.lstm_layer_backward(dout, dh, None, ref[-1])
+    elif cell == "RNN":
+        ours = cuda_layers.rnn_layer_forward(x, h0, *W, batch_sizes=bs)
+        ref = functional.rnn_layer_forward(x, h0, *W, batch_sizes=bs)
+        got = cuda_layers.rnn_layer_backward(dout, dh, ours[-1])
+        want = functional.rnn_layer_backward(dout, dh, ref[-1])
+    else:
+        ours = cuda_layers.gru_layer_forward(x, h0, *W[:2], W[2], W[2] * 0.5, bs)
+        ref = gru.reference_forward(x, h0, *W[:2], W[2], W[2] * 0.5, bs)
+        got = gru.gru_layer_backward(dout, dh, ours[-1])      # routed back to cuda_layers by "path"
+        want = gru.reference_backward(dout, dh, ref[-1])
+    for k, (o, r) in enumerate(zip(ours[:-1], ref[:-1])):
+        _close(o, r, np.float64, f"forward output {k}")
+    for k, (g, w) in enumerate(zip(got, want)):
+        _close(g, w, np.float64, f"gradient {k}")
 
 
 def test_numpy_arrays_need_the_cpu_build(cpu_kernels):

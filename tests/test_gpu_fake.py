@@ -64,12 +64,12 @@ class FakeArray:
 
     # ---- indexing and methods
     def __getitem__(self, key):
-        return _wrap(self._a[key])
+        return _wrap(self._a[_unwrap(key)])
 
     def __setitem__(self, key, value):
         if _host_operand(value):
             raise TypeError("FakeCupy: setitem with a NumPy array (a hidden host-to-device copy)")
-        self._a[key] = _unwrap(value)
+        self._a[_unwrap(key)] = _unwrap(value)
 
     def __getattr__(self, name):   # reshape, swapaxes, copy, astype, sum, any, view, fill, ...
         if name.startswith("__") or name == "_a":
@@ -246,8 +246,9 @@ def test_mixed_devices_are_torchs_error(fake_cupy):
     cell = lstmkit.GRUCell(3, 4).to("cuda")
     with pytest.raises(RuntimeError, match=r"and cpu \(hx"):
         cell(fake_cupy.ones(3, np.float32), np.zeros(4, np.float32))
-    with pytest.raises(NotImplementedError, match="PackedSequence input is not supported on the GPU"):
-        lstm(lstmkit.utils.rnn.pack_sequence([np.ones((2, 3), np.float32)]))
+    seq = lstmkit.utils.rnn.pack_sequence([np.ones((2, 3), np.float32)])
+    with pytest.raises(RuntimeError, match=r"and cpu \(the input's data, a NumPy array\)"):
+        lstm(seq)
 
 
 def test_guards_hold_on_the_gpu(fake_cupy):
@@ -290,3 +291,32 @@ def test_generation_and_batch1_cells_take_the_one_launch_step(fake_cupy, monkeyp
     assert len(calls) == 12                     # 6 tokens x 2 layers
     gpu_parity.check_cell(lstmkit.LSTMCell, np.float64, "cuda", "cpu", N=1)
     assert len(calls) == 13
+
+
+@pytest.mark.parametrize("name,kwargs", [("LSTM", dict(num_layers=2, bidirectional=True, proj_size=2)),
+                                         ("GRU", dict(bidirectional=True)), ("RNN", dict(num_layers=2))])
+def test_packed_batches_on_fake_gpu_match_the_cpu(fake_cupy, name, kwargs):
+    """A PackedSequence whose data is on the device (its layout on the host, as torch keeps
+    batch_sizes), unsorted lengths, h_0 given: outputs and every gradient as on the CPU."""
+    from lstmkit.utils.rnn import PackedSequence, pack_padded_sequence
+    rng = np.random.default_rng(5)
+    lengths = [3, 5, 2, 5]
+    x = rng.standard_normal((5, 4, 3))
+    seq = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    D = 2 if kwargs.get("bidirectional") else 1
+    S, P = kwargs.get("num_layers", 1) * D, kwargs.get("proj_size", 0) or 4
+    h0, c0 = rng.standard_normal((S, 4, P)), rng.standard_normal((S, 4, 4))
+    g_out = rng.standard_normal((seq.data.shape[0], D * P))
+    results = []
+    for where in ("cpu", "cuda"):
+        module = getattr(lstmkit, name)(3, 4, dtype=np.float64, seed=2, **kwargs).to(where)
+        on = fake_cupy.asarray if where == "cuda" else (lambda a: a)
+        data = PackedSequence(on(seq.data), seq.batch_sizes, seq.sorted_indices, seq.unsorted_indices)
+        hx = (on(h0), on(c0)) if name == "LSTM" else on(h0)
+        out, state = module(data, hx)
+        dx, dstate = module.backward(on(g_out))
+        flat = [out.data, *(state if name == "LSTM" else (state,)), dx.data,
+                *(dstate if name == "LSTM" else (dstate,)), *module.grads.values()]
+        results.append([device.to_numpy(a) for a in flat])
+    for k, (c, g) in enumerate(zip(*results)):
+        np.testing.assert_allclose(g, c, rtol=1e-10, atol=1e-10, err_msg=f"array {k}")
