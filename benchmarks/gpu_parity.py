@@ -131,6 +131,38 @@ def check_cell(cls, dtype, ours_dev, torch_dev, N=3, I=4, H=5, seed=0):
     return _compare(pairs, dtype)
 
 
+def check_packed(cls, kwargs, dtype, ours_dev, torch_dev, lengths=(3, 5, 2, 5), I=4, H=6, seed=0):
+    """A padded batch of unsorted lengths packed by each library (lstmkit on the host, its data
+    then moved to ours_dev; torch on torch_dev) through both modules: the packed output, h_n
+    (and c_n), the padded input's gradient and every parameter gradient."""
+    torch = _torch()
+    from torch.nn.utils.rnn import pack_padded_sequence as torch_pack
+    from lstmkit.utils.rnn import PackedSequence, pack_padded_sequence
+    rng = np.random.default_rng(seed)
+    ours = cls(I, H, dtype=dtype, seed=seed, **kwargs)
+    twin = getattr(torch.nn, cls.__name__)(I, H, dtype=torch.float64 if dtype == np.float64 else torch.float32,
+                                           **kwargs)
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
+    twin.to(torch_dev)
+    ours.to(ours_dev)
+    x = rng.standard_normal((max(lengths), len(lengths), I)).astype(dtype)
+    seq = pack_padded_sequence(x, list(lengths), enforce_sorted=False)
+    seq = PackedSequence(_on(seq.data, ours_dev), seq.batch_sizes, seq.sorted_indices, seq.unsorted_indices)
+    tx = torch.tensor(x, device=torch_dev, requires_grad=True)
+    out, state = ours(seq)
+    t_out, t_state = twin(torch_pack(tx, torch.tensor(lengths), enforce_sorted=False))
+    lstm = cls.__name__ == "LSTM"
+    states, t_states = (state if lstm else (state,)), (t_state if lstm else (t_state,))
+    g_out = rng.standard_normal(t_out.data.shape).astype(dtype)
+    t_out.data.backward(torch.tensor(g_out, device=torch_dev))
+    dx, _ = ours.backward(_on(g_out, ours_dev))
+    t_dx = torch_pack(tx.grad, torch.tensor(lengths), enforce_sorted=False).data   # packed as ours is
+    pairs = [("output", out.data, t_out.data), ("grad_x", dx.data, t_dx)]
+    pairs += [(f"state{k}", s, ts) for k, (s, ts) in enumerate(zip(states, t_states))]
+    pairs += [(f"grad {k}", ours.grads[k], p.grad) for k, p in twin.named_parameters()]
+    return _compare(pairs, dtype)
+
+
 def train_check(dev, steps=5, seed=0):
     """A 2-layer LSTM fitted by SGD to a fixed target on `dev` and on the CPU (float64): the
     losses of every step must agree to 1e-10 and fall. Returns both loss lists."""
@@ -171,6 +203,13 @@ MODULES = [
 ]
 
 
+PACKED = [
+    ("LSTM", dict(num_layers=2, bidirectional=True)),
+    ("GRU", dict(bidirectional=True)),
+    ("RNN", dict()),
+]
+
+
 def cases(device, quick):
     """(name, dtype, thunk) for every check."""
     for dtype in (np.float64, np.float32):
@@ -179,6 +218,9 @@ def cases(device, quick):
                    check_module(getattr(lstmkit, n), kw, d, device, device))
         yield ("LSTM unbatched", dtype, lambda d=dtype: check_module(lstmkit.LSTM, {}, d, device, device,
                                                                     unbatched=True))
+        for name, kw in PACKED[: 1 if quick else None]:
+            yield (f"packed {name}{kw}", dtype, lambda n=name, kw=kw, d=dtype:
+                   check_packed(getattr(lstmkit, n), kw, d, device, device))
         for cell in ("LSTMCell", "GRUCell", "RNNCell"):
             yield (cell, dtype, lambda c=cell, d=dtype: check_cell(getattr(lstmkit, c), d, device, device))
     yield ("train 5 SGD steps", np.float64, lambda: train_check(device))

@@ -320,3 +320,8 @@ def test_packed_batches_on_fake_gpu_match_the_cpu(fake_cupy, name, kwargs):
         results.append([device.to_numpy(a) for a in flat])
     for k, (c, g) in enumerate(zip(*results)):
         np.testing.assert_allclose(g, c, rtol=1e-10, atol=1e-10, err_msg=f"array {k}")
+
+
+@pytest.mark.parametrize("name,kwargs", gpu_parity.PACKED)
+def test_packed_on_fake_gpu_match_torch(fake_cupy, name, kwargs):
+    gpu_parity.check_packed(getattr(lstmkit, name), kwargs, np.float64, "cuda", "cpu")
