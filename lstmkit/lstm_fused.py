@@ -168,7 +168,8 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     (it is h_t for every t, which the backward needs); don't write into `out` before backward.
     save=False (no_grad): cache is None, and c_t, m_t live in (B, H) buffers instead of (T, B, H).
     W_hh_T: W_hh.T as a C-contiguous array, when the caller keeps one across calls (module.py
-    does, refreshed when W_hh changes); the batch-1 loops read it, else they copy W_hh.T per call.
+    does, refreshed when W_hh changes); every time loop reads it (see _lstm_forward_loop for why),
+    and without it one is copied per call.
     batch_sizes (T,) or None: a packed batch (packed.py), run natively over its real rows only
     (_lstm_forward_packed); a batch whose sequences all run T steps is an ordinary one.
     """
@@ -181,22 +182,21 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     bias = _c(b, dt) if b is not None else np.zeros(G, dt)
     proj = W_hr is not None
     W_hr = _c(W_hr, dt) if proj else None
+    one_step = B == 1 and T == 1     # the only path that reads W_hh's rows rather than W_hh^T
+    if W_hh_T is not None:
+        W_hh_T = _c(W_hh_T, dt)
+    elif not one_step:
+        W_hh_T = np.ascontiguousarray(W_hh.T)
     if batch_sizes is not None:
         bs = check_batch_sizes(batch_sizes, T, B)
         if bs[-1] != B:
-            return _lstm_forward_packed(x, h0, c0, W_ih, W_hh, bias, W_hr, b is not None, bs, save)
+            return _lstm_forward_packed(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, b is not None, bs, save)
     if B == 1:
-        if W_hh_T is not None:
-            W_hh_T = _c(W_hh_T, dt)
-        if T > 1:
-            xa = _mm(x.reshape(T, I), W_ih.T)
-            W_hh_T = np.ascontiguousarray(W_hh.T) if W_hh_T is None else W_hh_T
-        else:
-            xa = np.empty((0, 0), dt)
+        xa = np.empty((0, 0), dt) if one_step else _mm(x.reshape(T, I), W_ih.T)
         gates, c, m, out, h_T, c_T = _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr if proj else W_hh,
-                                                      proj, xa, W_hh_T if T > 1 else xa)
+                                                      proj, xa, xa if one_step else W_hh_T)
     else:
-        gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh, bias, W_hr, save)
+        gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save)
         h_T, c_T = out[-1].copy(), c[-1].copy()
     if not save:
         return out, h_T, c_T, None
@@ -206,12 +206,15 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     return out, h_T, c_T, cache
 
 
-def _lstm_forward_loop(x, h0, c0, W_ih, W_hh, bias, W_hr, save):
+def _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save):
     """B > 1: one product for the input projection of every step, then per step one recurrent
     product and one fused kernel call. Returns gates (T, B, G), c, m, out. Without save, c and m
-    are two and one (B, H) buffers that the steps take turns with (c[-1] is still c_T)."""
+    are two and one (B, H) buffers that the steps take turns with (c[-1] is still c_T).
+    W_hh_T (P, G) is W_hh^T in its own C-contiguous memory, not the view W_hh.T: with the view,
+    OpenBLAS transposes W_hh while packing it, again at every step, and the per-step product
+    ran at 57-69 GFLOP/s on one Zen 4 core against 72-90 with the copy (BENCHMARKS.md, issue 10)."""
     T, B, I = x.shape
-    G, P = W_hh.shape
+    P, G = W_hh_T.shape
     H = G // 4
     dt = x.dtype
     proj = W_hr is not None
@@ -222,8 +225,7 @@ def _lstm_forward_loop(x, h0, c0, W_ih, W_hh, bias, W_hr, save):
     # The kernel adds the bias to these input projections.
     gates = _mm(x.reshape(T * B, I), W_ih.T).reshape(T, B, G)
     rec = np.empty((B, G), dt)
-    W_hh_T = W_hh.T            # a view: BLAS takes the transpose as a flag, no copy
-    W_hr_T = W_hr.T if proj else None
+    W_hr_T = np.ascontiguousarray(W_hr.T) if proj else None    # (H, P), for the reason above
     h_prev, c_prev = h0, c0
     with _single_blas_thread(B * P * G):
         for t in range(T):
@@ -291,7 +293,7 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
 # contiguous slice and the weight gradients stay one product each over the N real rows. A finished
 # sequence keeps its state; row b of h_T, c_T is its state at its own last step. In backward the
 # gradient given at a final state waits in dh, dc until its sequence's last step is reached.
-def _lstm_forward_packed(x, h0, c0, W_ih, W_hh, bias, W_hr, has_bias, bs, save):
+def _lstm_forward_packed(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, has_bias, bs, save):
     """lstm_layer_forward over the real rows of a packed batch (B > 1, not all of length T)."""
     T, B, I = x.shape
     G, P = W_hh.shape
@@ -306,16 +308,17 @@ def _lstm_forward_packed(x, h0, c0, W_ih, W_hh, bias, W_hr, has_bias, bs, save):
     h = np.empty((N, P), dt)
     m = np.empty((N, H), dt) if proj else h           # without projection m_t is h_t
     rec = np.empty((B, G), dt)
+    W_hr_T = np.ascontiguousarray(W_hr.T) if proj else None
     h_prev, c_prev = h0, c0
     with _single_blas_thread(B * P * G), _threads_per_step(bs, P * G) as threads:
         for t in range(T):
             threads.at(t)
             s, e = start[t], start[t + 1]
             n = e - s
-            np.matmul(h_prev[:n], W_hh.T, out=rec[:n])
+            np.matmul(h_prev[:n], W_hh_T, out=rec[:n])
             _lstm_fwd_step(gates[s:e], rec[:n], bias, c_prev[:n], c[s:e], m[s:e])
             if proj:
-                np.matmul(m[s:e], W_hr.T, out=h[s:e])
+                np.matmul(m[s:e], W_hr_T, out=h[s:e])
             h_prev, c_prev = h[s:e], c[s:e]
     out = _scatter(h, rows, T, B)
     if not save:

@@ -69,7 +69,7 @@ def rnn_layer_forward(x, h0, W_ih, W_hh, b=None, nonlinearity="tanh", *, save=Tr
             return _rnn_forward_packed(x, h0, W_ih, W_hh, bias, b is not None, nonlinearity, bs, save)
     h = _mm(x.reshape(T * B, I), W_ih.T).reshape(T, B, H)   # becomes h in place
     rec = np.empty((B, H), dt)
-    W_hh_T = W_hh.T
+    W_hh_T = np.ascontiguousarray(W_hh.T)     # not the view: see lstm_fused._lstm_forward_loop
     h_prev = h0
     with _single_blas_thread(B * H * H):
         for t in range(T):
@@ -112,13 +112,14 @@ def _rnn_forward_packed(x, h0, W_ih, W_hh, bias, has_bias, nonlinearity, bs, sav
     xr = x.reshape(T * B, I)[rows]
     h = _mm(xr, W_ih.T)                              # (N, H), becomes h in place
     rec = np.empty((B, H), x.dtype)
+    W_hh_T = np.ascontiguousarray(W_hh.T)     # not the view: see lstm_fused._lstm_forward_loop
     relu = nonlinearity == "relu"
     h_prev = h0
     with _single_blas_thread(B * H * H), _threads_per_step(bs, H * H) as threads:
         for t in range(T):
             threads.at(t)
             s, e = start[t], start[t + 1]
-            np.matmul(h_prev[: e - s], W_hh.T, out=rec[: e - s])
+            np.matmul(h_prev[: e - s], W_hh_T, out=rec[: e - s])
             _rnn_fwd_step(h[s:e], rec[: e - s], bias, relu)
             h_prev = h[s:e]
     out = _scatter(h, rows, T, B)
