@@ -21,7 +21,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check_out}
 R="$OUT/gpu_check"
 mkdir -p "$R"
-PY=${PYTHON:-python3}
+PY=${PYTHON:-}
+if [[ -z $PY ]]; then       # the interpreter that has torch and CuPy, if there is one
+    for c in python3 python; do
+        if command -v "$c" > /dev/null && "$c" -c "import torch, cupy" 2> /dev/null; then PY=$c; break; fi
+    done
+fi
+PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export LSTMKIT_CACHE_DIR=${LSTMKIT_CACHE_DIR:-/tmp/lstmkit_jit_cache}   # Numba's cache: not in $OUT
 unset CUPY_TF32

@@ -69,6 +69,43 @@ def test_source_compiles_to_ptx(tmp_path):
             assert f".entry {name}_{sfx}(" in ptx, f"{name}_{sfx} missing from the PTX"
 
 
+def _find_nvrtc():
+    """libnvrtc: the CUDA toolkit's, or the nvidia-cuda-nvrtc wheel's that CuPy uses; None if absent."""
+    import ctypes.util
+    import glob
+    found = ctypes.util.find_library("nvrtc")
+    if found:
+        return found
+    for path in sys.path:
+        hits = sorted(glob.glob(os.path.join(path, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*")))
+        if hits:
+            return hits[0]
+    return None
+
+
+def test_source_compiles_with_nvrtc():
+    """NVRTC is what cupy.RawModule compiles with (no GPU needed to compile)."""
+    import ctypes
+    path = _find_nvrtc()
+    if path is None:
+        pytest.skip("libnvrtc is not installed (CUDA toolkit or the nvidia-cuda-nvrtc wheel)")
+    lib = ctypes.CDLL(path)
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), cuda_kernels.SOURCE.encode(), b"kernels.cu", 0, None, None) == 0
+    opts = (ctypes.c_char_p * 1)(b"--gpu-architecture=compute_90")
+    rc = lib.nvrtcCompileProgram(prog, 1, opts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, log.value.decode()
+    lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetPTX(prog, ptx)
+    for name in cuda_kernels.SIGNATURES:
+        assert f".entry {name}_f32(" in ptx.value.decode() and f".entry {name}_f64(" in ptx.value.decode()
+
+
 def test_launch_refuses_non_contiguous_and_mixed_dtypes(cpu_kernels):
     a = np.zeros((4, 8))
     with pytest.raises(ValueError, match="not C-contiguous"):
