@@ -124,13 +124,15 @@ def main():
                       f"{r['step_s'] * 1e3:6.1f} ms  reduce {r['reduce_s'] * 1e3:5.2f} ms  bare allreduce "
                       f"{r['allreduce_s'] * 1e3:5.2f} ms  (load {load:.2f})", flush=True)
         med = {k: statistics.median(tokens / r["step_s"] for r in v) for k, v in runs.items()}
+        # each round's B against the A just before it, taken under about the same load
+        paired = statistics.median(a["step_s"] / b["step_s"] for a, b in zip(runs["A"], runs["B"]))
         b = runs["B"]
         step = statistics.median(r["step_s"] for r in b)
         red = statistics.median(r["reduce_s"] for r in b)
         bare = statistics.median(r["allreduce_s"] for r in b)
         print(f"2x{hidden}: P = {b[0]['params']:,} ({b[0]['params'] * 4 / 2**20:.1f} MiB of gradient); median "
               f"A (1 x 2 threads) {med['A']:,.0f} tokens/s, B (2 x 1 thread) {med['B']:,.0f} tokens/s "
-              f"(B/A {med['B'] / med['A']:.2f}); B's reduce {red * 1e3:.2f} ms of a {step * 1e3:.1f} ms step "
+              f"(B/A of medians {med['B'] / med['A']:.2f}, median of the rounds' B/A {paired:.2f}); B's reduce {red * 1e3:.2f} ms of a {step * 1e3:.1f} ms step "
               f"({red / step:.1%}), bare allreduce {bare * 1e3:.2f} ms ({bare / step:.1%})", flush=True)
 
 

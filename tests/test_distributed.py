@@ -236,6 +236,19 @@ def test_classifier_on_two_ranks_trains_as_one_process(tmp_path):
     assert last_state(one)[1]["history"]["val_accuracy"] == last_state(two)[1]["history"]["val_accuracy"]
 
 
+def test_a_time_budget_and_cosine_schedule_read_one_clock_on_every_rank(text_file, tmp_path):
+    # --minutes and the cosine schedule read rank 0's clock on every rank: were the ranks' own clocks
+    # used, their learning rates would differ and the parameter check at each checkpoint would fail
+    out = str(tmp_path / "run")
+    args = lm_args(text_file, out)
+    i = args.index("--steps")
+    args[i:i + 2] = ["--minutes", 0.03, "--lr-schedule", "cosine"]
+    r = mpirun(2, *args)
+    assert r.returncode == 0, r.stderr
+    step = read_pointer(out)["step"]
+    assert step > 10 and f"done: step {step}," in r.stdout
+
+
 def test_a_batch_that_does_not_split_is_one_line(text_file, tmp_path):
     args = lm_args(text_file, str(tmp_path / "x"))
     args[args.index("--batch-size") + 1] = 5
