@@ -57,7 +57,7 @@ LOSS, STOP, CLOCK = -6, -4, -2
 
 
 class DistributedError(LMError):
-    """An MPI set-up problem (mpi4py missing, a batch that does not split, ranks that disagree)."""
+    """An MPI set-up problem: mpi4py missing, or a batch that does not split over the ranks."""
 
 
 def launched_size() -> int:
