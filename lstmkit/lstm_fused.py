@@ -28,7 +28,6 @@ time goes and what is done about it.
 
 import numpy as np
 
-from . import batch_halves
 from .blas import _c, _mm, _single_blas_thread, _threads_per_step
 from .jit import _JIT, _add2, _axpy, _dot, _sigmoid, _tanh, _vecmat, njit
 from .layer_rows import _input_and_weight_grads, _packed_weight_grads, _packing, _scatter
@@ -192,63 +191,19 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
         bs = check_batch_sizes(batch_sizes, T, B)
         if bs[-1] != B:
             return _lstm_forward_packed(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, b is not None, bs, save)
-    if B > 1:
-        forward = _lstm_forward_halves if batch_halves.worth_splitting(B, B * P * G) else _lstm_forward_dense
-        return forward(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, b is not None, save)
-    xa = np.empty((0, 0), dt) if one_step else _mm(x.reshape(T, I), W_ih.T)
-    gates, c, m, out, h_T, c_T = _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr if proj else W_hh,
-                                                  proj, xa, xa if one_step else W_hh_T)
+    if B == 1:
+        xa = np.empty((0, 0), dt) if one_step else _mm(x.reshape(T, I), W_ih.T)
+        gates, c, m, out, h_T, c_T = _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr if proj else W_hh,
+                                                      proj, xa, xa if one_step else W_hh_T)
+    else:
+        gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save)
+        h_T, c_T = out[-1].copy(), c[-1].copy()
     if not save:
         return out, h_T, c_T, None
-    return out, h_T, c_T, _cache(x, h0, c0, W_ih, W_hh, W_hr, b is not None, gates, c, m, out, W_hh_T)
-
-
-def _cache(x, h0, c0, W_ih, W_hh, W_hr, has_bias, gates, c, m, out, W_hh_T):
-    """What lstm_layer_backward reads: references, not copies (W_hh_T only for batch 1's loop)."""
-    proj = W_hr is not None
-    return {"x": x, "h0": h0, "c0": c0, "W_ih": W_ih, "W_hh": W_hh, "W_hr": W_hr, "has_bias": has_bias,
-            "gates": gates, "c": c, "m": m if proj else None, "h": out,
-            "W_hh_T": W_hh_T if x.shape[1] == 1 else None}
-
-
-def _lstm_forward_dense(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, has_bias, save):
-    """B > 1, every sequence T steps: out, h_T, c_T, cache (None without save)."""
-    gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save)
-    h_T, c_T = out[-1].copy(), c[-1].copy()
-    if not save:
-        return out, h_T, c_T, None
-    return out, h_T, c_T, _cache(x, h0, c0, W_ih, W_hh, W_hr, has_bias, gates, c, m, out, W_hh_T)
-
-
-def _lstm_forward_halves(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, has_bias, save):
-    """_lstm_forward_dense on the two halves of the batch at once, one per core (batch_halves.py).
-    The cache keeps each half's own cache; lstm_layer_backward runs them the same way."""
-    parts = batch_halves.halves(x.shape[1])
-
-    def half(p):
-        return _lstm_forward_dense(batch_halves.rows(x, p), h0[p], c0[p], W_ih, W_hh, W_hh_T, bias, W_hr,
-                                   has_bias, save)
-
-    (out_a, h_a, c_a, cache_a), (out_b, h_b, c_b, cache_b) = batch_halves.run_both(half, (parts[0],), (parts[1],))
-    join = batch_halves.join_rows
-    cache = {"halves": (cache_a, cache_b), "parts": parts} if save else None
-    return join(out_a, out_b, 1), join(h_a, h_b, 0), join(c_a, c_b, 0), cache
-
-
-def _lstm_backward_halves(dout, dh_T, dc_T, cache):
-    """lstm_layer_backward of _lstm_forward_halves: each half's backward at once; the inputs' and
-    states' gradients joined row-wise, the weights' added (each half holds its rows' share)."""
-    parts = cache["parts"]
-
-    def half(c, p):
-        return lstm_layer_backward(batch_halves.rows(dout, p), None if dh_T is None else dh_T[p],
-                                   None if dc_T is None else dc_T[p], c)
-
-    a, b = batch_halves.run_both(half, (cache["halves"][0], parts[0]), (cache["halves"][1], parts[1]))
-    join = batch_halves.join_rows
-    dx, dh0, dc0 = join(a[0], b[0], 1), join(a[1], b[1], 0), join(a[2], b[2], 0)
-    dW_ih, dW_hh, db, dW_hr = (None if u is None else u + v for u, v in zip(a[3:], b[3:]))
-    return dx, dh0, dc0, dW_ih, dW_hh, db, dW_hr
+    cache = {"x": x, "h0": h0, "c0": c0, "W_ih": W_ih, "W_hh": W_hh, "W_hr": W_hr,
+             "has_bias": b is not None, "gates": gates, "c": c,
+             "m": m if proj else None, "h": out, "W_hh_T": W_hh_T if B == 1 else None}
+    return out, h_T, c_T, cache
 
 
 def _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save):
@@ -290,8 +245,6 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
     projection)."""
     if "start" in cache:
         return _lstm_backward_packed(dout, dh_T, dc_T, cache)
-    if "halves" in cache:
-        return _lstm_backward_halves(dout, dh_T, dc_T, cache)
     x, h0, c0 = cache["x"], cache["h0"], cache["c0"]
     W_ih, W_hh, W_hr = cache["W_ih"], cache["W_hh"], cache["W_hr"]
     gates, c, h = cache["gates"], cache["c"], cache["h"]
@@ -328,6 +281,9 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
     dx, dW_ih, dW_hh, db = _input_and_weight_grads(dgates, x, h0, h, W_ih, cache["has_bias"])
     dW_hr = _mm(dh_all.reshape(T * B, P).T, cache["m"].reshape(T * B, H)) if proj else None
     return dx, dh_next, dc, dW_ih, dW_hh, db, dW_hr
+
+
+# ---------------------------------------------------------------------- packed batches
 
 
 # ---------------------------------------------------------------------- packed batches
