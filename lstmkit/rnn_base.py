@@ -161,14 +161,15 @@ class _RNNBase(_Module):
             return out, h_T, None, cache
         b = self._summed_bias(sfx) if self.bias else None
         if self.mode == "LSTM":
-            # batch 1 reads W_hh transposed in the T > 1 forward loop and in every backward (CPU)
-            b1 = x.shape[1] == 1 and (save or x.shape[0] > 1) and self._xp is np
-            W_hh_T = self._transposed_W_hh(sfx) if b1 else None
+            # every CPU time loop reads W_hh^T from its own memory (lstm_fused._lstm_forward_loop
+            # says why); only one step of batch 1 without backward reads W_hh's rows instead
+            one_token = x.shape[0] == 1 and x.shape[1] == 1 and not save
+            W_hh_T = self._transposed_W_hh(sfx) if self._xp is np and not one_token else None
             if bs is None:   # the hot path of generation: no extra keyword
                 return backend.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, p.get("weight_hr" + sfx),
                                                   save=save, W_hh_T=W_hh_T)
             return backend.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, p.get("weight_hr" + sfx),
-                                              save=save, batch_sizes=bs)
+                                              save=save, W_hh_T=W_hh_T, batch_sizes=bs)
         nl = "tanh" if self.mode == "RNN_TANH" else "relu"
         out, h_T, cache = backend.rnn_layer_forward(x, h0, W_ih, W_hh, b, nl, save=save, batch_sizes=bs)
         return out, h_T, None, cache
