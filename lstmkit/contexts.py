@@ -102,6 +102,12 @@ def _bump(obj):
         obj._cell[0] += 1
 
 
+def mark_written(array):
+    """Count a write into `array` that NumPy did not see (a compiled kernel wrote into its memory):
+    a Parameter's version goes up, so what was derived from it is computed again. Anything else: nothing."""
+    _bump(array)
+
+
 class Parameter(np.ndarray):
     """A parameter array with a version counter: `p._version` goes up on every in-place write
     made through NumPy (operators, ufuncs with out=, item assignment, np.copyto, fill, ...).

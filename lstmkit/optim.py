@@ -28,6 +28,8 @@ import math
 
 import numpy as np
 
+from . import optim_fused
+
 
 class Optimizer:
     """Base: `slots` names the per-parameter state arrays, created zeroed like the parameter."""
@@ -151,12 +153,14 @@ class Adam(Optimizer):
 
     def _update(self, k, p, g, lr):
         m, v = self.state["exp_avg"][k], self.state["exp_avg_sq"][k]
+        bc1 = 1.0 - self.beta1 ** self.t
+        bc2 = 1.0 - self.beta2 ** self.t
+        if optim_fused.adam_update(p, g, m, v, self.beta1, self.beta2, lr / bc1, 1.0 / math.sqrt(bc2), self.eps):
+            return     # the same update in one compiled pass (optim_fused.py); below, the readable form
         m *= self.beta1
         m += (1.0 - self.beta1) * g
         v *= self.beta2
         v += (1.0 - self.beta2) * g * g
-        bc1 = 1.0 - self.beta1 ** self.t
-        bc2 = 1.0 - self.beta2 ** self.t
         denom = np.sqrt(v) / math.sqrt(bc2)
         denom += self.eps
         p -= (lr / bc1) * m / denom
