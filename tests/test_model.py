@@ -157,3 +157,22 @@ def test_overfits_a_short_text():
         m.backward()
         opt.step(m.grads)
     assert loss < 0.05, loss
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("id_dtype", [np.int64, np.int32])
+def test_embedding_backward_fused_rows_equal_np_add_at(dtype, id_dtype):
+    """embedding_fused's compiled loop against np.add.at (the readable form it replaces), with ids
+    repeated many times and some never used: the same sums, element for element."""
+    from lstmkit import embedding_fused
+    if not embedding_fused.AVAILABLE:
+        pytest.skip("Numba is not importable: there is no fused loop")
+    rng = np.random.default_rng(5)
+    V, E = 11, 7
+    ids = rng.integers(0, 6, size=(9, 4)).astype(id_dtype)          # ids 6..10 never used
+    dx = rng.standard_normal((9, 4, E)).astype(dtype)
+    want = np.zeros((V, E), dtype)
+    np.add.at(want, ids.reshape(-1), dx.reshape(-1, E))
+    got = embedding_backward(dx, {"ids": ids, "V": V})
+    np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=0)
+    assert not got[6:].any() and got[:6].any()
