@@ -28,6 +28,7 @@ time goes and what is done about it.
 
 import numpy as np
 
+from . import scratch
 from .blas import _c, _mm, _single_blas_thread, _threads_per_step
 from .jit import _JIT, _add2, _axpy, _dot, _sigmoid, _tanh, _vecmat, njit
 from .layer_rows import _input_and_weight_grads, _packed_weight_grads, _packing, _scatter
@@ -199,10 +200,13 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
         gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save)
         h_T, c_T = out[-1].copy(), c[-1].copy()
     if not save:
+        if B > 1:
+            scratch.give(gates.base)     # nothing reads the gates after the loop without a backward
         return out, h_T, c_T, None
-    cache = {"x": x, "h0": h0, "c0": c0, "W_ih": W_ih, "W_hh": W_hh, "W_hr": W_hr,
-             "has_bias": b is not None, "gates": gates, "c": c,
-             "m": m if proj else None, "h": out, "W_hh_T": W_hh_T if B == 1 else None}
+    cache = scratch.Cache(x=x, h0=h0, c0=c0, W_ih=W_ih, W_hh=W_hh, W_hr=W_hr, has_bias=b is not None,
+                          gates=gates, c=c, m=m if proj else None, h=out, W_hh_T=W_hh_T if B == 1 else None)
+    if B > 1:
+        scratch.give_when_gone(cache, gates.base, c)    # kept for the next step once the cache is gone
     return out, h_T, c_T, cache
 
 
@@ -218,12 +222,13 @@ def _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save):
     H = G // 4
     dt = x.dtype
     proj = W_hr is not None
-    c = np.empty((T if save else 2, B, H), dt)
-    out = np.empty((T, B, P), dt)
+    c = scratch.take((T, B, H), dt) if save else np.empty((2, B, H), dt)    # the cache's c: kept (scratch.py)
+    out = np.empty((T, B, P), dt)     # handed to the caller: always a new array
     # Without projection m_t is h_t: the kernel writes straight into the output.
     m = np.empty((T if save else 1, B, H), dt) if proj else out
-    # The kernel adds the bias to these input projections.
-    gates = _mm(x.reshape(T * B, I), W_ih.T).reshape(T, B, G)
+    # The kernel adds the bias to these input projections. A kept array (scratch.py): the largest
+    # of the step, so a fresh one would be fresh pages every step.
+    gates = _mm(x.reshape(T * B, I), W_ih.T, out=scratch.take((T * B, G), dt)).reshape(T, B, G)
     rec = np.empty((B, G), dt)
     W_hr_T = np.ascontiguousarray(W_hr.T) if proj else None    # (H, P), for the reason above
     h_prev, c_prev = h0, c0
@@ -254,7 +259,7 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
     G, P = W_hh.shape
     H = G // 4
     dout = _c(dout, dt)
-    dgates = np.empty((T, B, G), dt)
+    dgates = scratch.take((T * B, G), dt).reshape(T, B, G)    # kept between calls (scratch.py)
     dh_next = np.zeros((B, P), dt) if dh_T is None else np.array(dh_T, dtype=dt, order="C")
     dc = np.zeros((B, H), dt) if dc_T is None else np.array(dc_T, dtype=dt, order="C")
     dh_all = np.empty((T, B, P), dt) if proj else None   # dLoss/dh_t, for dW_hr after the loop
@@ -280,6 +285,7 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
 
     dx, dW_ih, dW_hh, db = _input_and_weight_grads(dgates, x, h0, h, W_ih, cache["has_bias"])
     dW_hr = _mm(dh_all.reshape(T * B, P).T, cache["m"].reshape(T * B, H)) if proj else None
+    scratch.give(dgates.base)         # read by nothing after this: the gradients above are new arrays
     return dx, dh_next, dc, dW_ih, dW_hh, db, dW_hr
 
 

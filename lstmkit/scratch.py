@@ -1,0 +1,77 @@
+"""Scratch arrays the fused layers reuse from call to call, so that a training step does not map fresh
+memory for its largest arrays every time.
+
+Why: without torch in the process (torch's allocator changes glibc's settings for everyone),
+glibc's malloc hands multi-MB arrays out of freshly mapped or freshly grown memory and gives it
+back to the system when they are freed, so every step touches new pages: 2,244 minor page faults a
+step at (T, B, I, H) = (50, 32, 64, 128), and the step took 1.5x as long as with the faults
+stopped (`python benchmarks/page_faults.py`; BENCHMARKS.md). The largest arrays of a step are the
+layer's gates (T, B, 4H), kept for the backward, and the backward's dgates of the same shape.
+
+How: `take(shape, dtype)` returns a kept array of that shape if one is free, else a new one;
+`give(a)` keeps `a` for the next take. Only arrays that nothing else can still read are given:
+dgates at the end of the backward that made it, the forward's gates when no backward will follow
+(no_grad), and a cache's gates when the cache itself is gone (its last reference dropped: the
+backward consumed it, or the caller let it go), through `give_when_gone`. A cache kept for a second
+backward (retain=True) keeps its gates. At most KEEP arrays per shape and SHAPES shapes are kept
+(the least recently used shape is dropped first), so varying sequence lengths cannot grow it.
+
+Shape letters: T steps, B batch, H hidden size.
+"""
+
+import threading
+import weakref
+from collections import OrderedDict
+
+import numpy as np
+
+KEEP = 2        # arrays kept per (shape, dtype): a forward's gates and a backward's dgates
+SHAPES = 8      # (shape, dtype) keys kept, least recently used dropped first
+
+_free = OrderedDict()     # (shape, dtype) -> [arrays]
+_lock = threading.Lock()
+
+
+def _key(shape, dtype):
+    return tuple(int(n) for n in shape), np.dtype(dtype).str
+
+
+def take(shape, dtype):
+    """An uninitialised (shape) array of dtype: a kept one when there is one, else a new one."""
+    key = _key(shape, dtype)
+    with _lock:
+        kept = _free.get(key)
+        if kept:
+            _free.move_to_end(key)
+            return kept.pop()
+    return np.empty(shape, dtype)
+
+
+def give(a):
+    """Keep `a` for a later take; the caller promises that nothing reads or writes it any more."""
+    if a is None or not a.flags.c_contiguous or a.base is not None:
+        return      # views (and arrays others may share) are never kept
+    key = _key(a.shape, a.dtype)
+    with _lock:
+        kept = _free.setdefault(key, [])
+        _free.move_to_end(key)
+        if len(kept) < KEEP and not any(k is a for k in kept):
+            kept.append(a)
+        while len(_free) > SHAPES:
+            _free.popitem(last=False)
+
+
+class Cache(dict):
+    """A layer's cache (a dict) that can be watched: when it is gone, give_when_gone's arrays are kept."""
+
+    __slots__ = ("__weakref__",)
+
+
+def give_when_gone(cache, *arrays):
+    """Give `arrays` back once `cache` (a Cache) has no references left."""
+    weakref.finalize(cache, _give_all, arrays)
+
+
+def _give_all(arrays):
+    for a in arrays:
+        give(a)
