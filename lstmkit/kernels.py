@@ -1,29 +1,14 @@
 """The fast path: the same LSTM and RNN layers as functional.py, with the gate arithmetic fused.
 
 Same functions, same signatures, same return values as functional.py (the readable reference,
-which is the textbook for the equations below); tests/test_kernels.py checks one against the
+which is the textbook for the equations); tests/test_kernels.py checks one against the
 other. module._backend picks this namespace when Numba imports (AVAILABLE) and LSTMKIT_REFERENCE != "1".
 The code lives beside each cell: lstm_fused.py, rnn_fused.py and gru.py (reference and fused side
 by side), built from jit.py (Numba kernels' pieces), blas.py (products and their threads) and
 layer_rows.py (the gradients after the time loop, packed rows).
 
-Shape letters
-    T   time steps
-    B   batch
-    I   input size
-    H   hidden size (the cell state c always has H)
-    P   size of h and of the output: proj_size when projecting, else H
-    G   4H, the four gate pre-activations stacked in PyTorch's order i, f, g, o
-
-LSTM, one step:
-    a_t = x_t W_ih^T + h_{t-1} W_hh^T + b                (B, G)
-    i = σ(a_i)   f = σ(a_f)   g = tanh(a_g)   o = σ(a_o)  (B, H) each
-    c_t = f ⊙ c_{t-1} + i ⊙ g          m_t = o ⊙ tanh(c_t)          h_t = m_t W_hr^T or m_t
-backward, one step (dm = dh_t W_hr or dh_t):
-    do = dm ⊙ tanh(c_t)      dc = dc_t + dm ⊙ o ⊙ (1 - tanh²(c_t))
-    da = [dc ⊙ g ⊙ i(1-i),  dc ⊙ c_{t-1} ⊙ f(1-f),  dc ⊙ i ⊙ (1-g²),  do ⊙ o(1-o)]
-    dc_{t-1} = dc ⊙ f        dh_{t-1} = da W_hh
-RNN:  h_t = φ(x_t W_ih^T + h_{t-1} W_hh^T + b),   da = dh ⊙ φ'(a)  (1 - h² or [h > 0]).
+The equations are in functional.py (the reference) and in the docstrings of lstm_fused.py and
+rnn_fused.py beside the kernels that compute them; shape letters as there (T, B, I, H, P, G = 4H).
 
 Where the time goes, and what is done about it
     * Matrix products (BLAS through NumPy): the input projection of all T steps is one product
@@ -41,7 +26,11 @@ Where the time goes, and what is done about it
       that size Python and dispatch overhead, not arithmetic, is the cost. Callers need do
       nothing: lstm_layer_forward/backward take this path whenever B == 1.
     * Small products run on one BLAS thread (blas.SMALL_PRODUCT).
-    * No allocation inside the time loops; workspaces are allocated once per call.
+    * No allocation inside the time loops. The largest arrays of a call (the LSTM's gates, its cell
+      states kept for backward, dgates) are kept and reused from call to call (scratch.py): fresh
+      multi-MB arrays are fresh pages, and page faults cost up to a quarter of a small step.
+    * W_hh^T is read from its own contiguous copy (kept by the module per weight version): through
+      the view W_hh.T, OpenBLAS transposes W_hh again at every step.
     * tanh(c_t) is recomputed in backward rather than cached: cheaper than a (T, B, H) array.
     * Denormals: measured no slowdown on the target CPU (Zen 3), so nothing flushes them.
 
