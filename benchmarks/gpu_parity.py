@@ -65,17 +65,23 @@ def _compare(pairs, dtype):
     return errs
 
 
+def _twins(cls, kwargs, dtype, seed, I, H, ours_dev, torch_dev):
+    """lstmkit's cls(I, H, **kwargs) on ours_dev and torch.nn's module of the same name with the same
+    weights on torch_dev."""
+    torch = _torch()
+    ours = cls(I, H, dtype=dtype, seed=seed, **kwargs)
+    twin = getattr(torch.nn, cls.__name__)(I, H, dtype=torch.float64 if dtype == np.float64 else torch.float32,
+                                           **kwargs)
+    twin.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
+    return ours.to(ours_dev), twin.to(torch_dev)
+
+
 def check_module(cls, kwargs, dtype, ours_dev, torch_dev, L=5, N=3, I=4, H=6, seed=0, unbatched=False):
     """lstmkit cls(I, H, **kwargs) on ours_dev against torch.nn's twin on torch_dev: returns the max
     errors, raises AssertionError beyond tolerance."""
     torch = _torch()
     rng = np.random.default_rng(seed)
-    ours = cls(I, H, dtype=dtype, seed=seed, **kwargs)
-    twin = getattr(torch.nn, cls.__name__)(I, H, dtype=torch.float64 if dtype == np.float64 else torch.float32,
-                                           **kwargs)
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
-    twin.to(torch_dev)
-    ours.to(ours_dev)
+    ours, twin = _twins(cls, kwargs, dtype, seed, I, H, ours_dev, torch_dev)
     lstm = cls.__name__ == "LSTM"
     D = 2 if kwargs.get("bidirectional") else 1
     S = kwargs.get("num_layers", 1) * D
@@ -139,12 +145,7 @@ def check_packed(cls, kwargs, dtype, ours_dev, torch_dev, lengths=(3, 5, 2, 5), 
     from torch.nn.utils.rnn import pack_padded_sequence as torch_pack
     from lstmkit.utils.rnn import PackedSequence, pack_padded_sequence
     rng = np.random.default_rng(seed)
-    ours = cls(I, H, dtype=dtype, seed=seed, **kwargs)
-    twin = getattr(torch.nn, cls.__name__)(I, H, dtype=torch.float64 if dtype == np.float64 else torch.float32,
-                                           **kwargs)
-    twin.load_state_dict({k: torch.from_numpy(v) for k, v in ours.state_dict().items()})
-    twin.to(torch_dev)
-    ours.to(ours_dev)
+    ours, twin = _twins(cls, kwargs, dtype, seed, I, H, ours_dev, torch_dev)
     x = rng.standard_normal((max(lengths), len(lengths), I)).astype(dtype)
     seq = pack_padded_sequence(x, list(lengths), enforce_sorted=False)
     seq = PackedSequence(_on(seq.data, ours_dev), seq.batch_sizes, seq.sorted_indices, seq.unsorted_indices)
