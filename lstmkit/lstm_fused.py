@@ -167,6 +167,8 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     x (T, B, I), h0 (B, P), c0 (B, H), W_ih (G, I), W_hh (G, P), b (G,) or None, W_hr (P, H) or None.
     Returns out (T, B, P), h_T (B, P), c_T (B, H), cache. The cache keeps a reference to `out`
     (it is h_t for every t, which the backward needs); don't write into `out` before backward.
+    The cache's gates and c are reused by later calls once the cache itself is gone (scratch.py):
+    keep the cache, not arrays taken out of it.
     save=False (no_grad): cache is None, and c_t, m_t live in (B, H) buffers instead of (T, B, H).
     W_hh_T: W_hh.T as a C-contiguous array, when the caller keeps one across calls (module.py
     does, refreshed when W_hh changes); every time loop reads it (see _lstm_forward_loop for why),
