@@ -208,7 +208,8 @@ class Trainer(TrainerBase):
         return self._bpc(total / count)
 
     def _collect(self):
-        """Rank 0 gets all B streams' h and c for the checkpoint (self.global_carry)."""
+        """Rank 0 gets all B streams' h and c for the checkpoint (self.global_carry; with one process,
+        self.carry itself). DataParallel._checkpoint calls it before every save."""
         self.global_carry = tuple(self.world.gather_rows(a, axis=1) for a in self.carry)
 
     def _batch_loss(self):
@@ -253,7 +254,7 @@ class Trainer(TrainerBase):
                  "lstmkit_version": __version__}
         config = {"train": self.cfg.to_dict(), "data": self.data_info, "lstmkit_version": __version__}
         save_checkpoint(self.out_dir, model=self.model, tokenizer=self.tok, config=config, run_id=self.run_id,
-                        step=self.step, state=state, optimizer=self.optimizer, carry=self.carry if self.world.size == 1 else self.global_carry,
+                        step=self.step, state=state, optimizer=self.optimizer, carry=self.global_carry,
                         best=best, val=self.last_val)
         self.plot()
 
