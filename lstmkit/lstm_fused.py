@@ -30,7 +30,7 @@ import numpy as np
 
 from . import scratch
 from .blas import _c, _mm, _single_blas_thread, _threads_per_step
-from .jit import _JIT, _add2, _axpy, _dot, _sigmoid, _tanh, _vecmat, njit
+from .jit import _JIT, _add2, _dot, _sigmoid, _tanh, _vecmat, _vecmat_add, njit
 from .layer_rows import _input_and_weight_grads, _packed_weight_grads, _packing, _scatter
 from .packed import check_batch_sizes
 
@@ -98,7 +98,8 @@ def _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr, has_proj, xa, W_hh_T):
     out (T, 1, P), h_T (1, P), c_T (1, H); m is out itself without projection.
     Two ways to the pre-activations, picked by the caller:
       xa (T, G) = x W_ih^T from one BLAS product and W_hh_T (P, G) a transposed copy of W_hh:
-          the recurrent product as P unit-stride axpys over G (for T > 1, where the copy pays);
+          the recurrent product as unit-stride axpys over G, four rows of W_hh_T per pass
+          (jit._vecmat_add; for T > 1, where the copy pays);
       xa empty: both products as dot products with the rows of W_ih, W_hh (one step: no copy,
           no extra call)."""
     T = x.shape[0]
@@ -117,8 +118,7 @@ def _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr, has_proj, xa, W_hh_T):
         a = gates[t, 0]
         if use_xa:
             _add2(xa[t], bias, a)
-            for k in range(P):
-                _axpy(hp[k], W_hh_T[k], a)
+            _vecmat_add(hp, W_hh_T, a)
         else:
             xt = x[t, 0]
             for r in range(G):
