@@ -51,6 +51,7 @@ try:
     from numba import njit
 
     from .blas import _mm, _single_blas_thread, _threads_per_step
+    from .layer_rows import _add_initial_state_term
     from .jit import _JIT, _dot, _sigmoid, _tanh   # importing jit installs the jit cache
     AVAILABLE = True
 except ImportError:  # the reference runs instead
@@ -320,11 +321,13 @@ def fused_backward(dout, dh_T, cache):
         dx = np.zeros((T * B, I), dt)
         dx[rows] = dx_rows
         dx = dx.reshape(T, B, I)
-    dW_hh = _mm(dha[:B].T, h0)
     if T > 1:   # the h_{t-1} of the rows of steps >= 1: the row bs[t-1] places earlier
         bs = np.diff(start)
         prev = h[: N - B] if rows is None else h[np.arange(B, N) - np.repeat(bs[:-1], bs[1:])]
-        dW_hh += _mm(dha[B:].T, prev)
+        dW_hh = _mm(dha[B:].T, prev)
+    else:
+        dW_hh = np.zeros((dha.shape[1], h0.shape[1]), dt)
+    _add_initial_state_term(dW_hh, dha[:B], h0)
     return (dx, dhz + dhr, _mm(dxa.T, xr), dW_hh, dxa.sum(axis=0) if cache["has_b_ih"] else None,
             dha.sum(axis=0) if cache["has_b_hh"] else None)
 

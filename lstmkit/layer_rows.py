@@ -21,11 +21,26 @@ def _input_and_weight_grads(da, x, h0, h, W_ih, has_bias):
     dA = da.reshape(T * B, G)
     dx = _mm(dA, W_ih).reshape(T, B, I)
     dW_ih = _mm(dA.T, x.reshape(T * B, I))
-    dW_hh = _mm(da[0].T, h0)
     if T > 1:
-        dW_hh += _mm(da[1:].reshape((T - 1) * B, G).T, h[:-1].reshape((T - 1) * B, P))
+        dW_hh = _mm(da[1:].reshape((T - 1) * B, G).T, h[:-1].reshape((T - 1) * B, P))
+    else:
+        dW_hh = np.zeros((G, P), da.dtype)
+    _add_initial_state_term(dW_hh, da[0], h0)
     db = dA.sum(axis=0) if has_bias else None
     return dx, dW_ih, dW_hh, db
+
+
+def _add_initial_state_term(dW_hh, da0, h0):
+    """dW_hh += da_0^T h0, the first step's share. Skipped when h0 is all zeros (no initial state
+    given, the usual case), where it adds exactly nothing; with one row it is an outer product,
+    which NumPy's OpenBLAS took 77 µs for at (4H, H) = (512, 128) through matmul (a K = 1 product)
+    against a few µs for np.outer: 6% of a batch-1 training step at (50, 1, 65, 128, 2)."""
+    if not h0.any():
+        return
+    if h0.shape[0] == 1:
+        dW_hh += np.outer(da0[0], h0[0])
+    else:
+        dW_hh += _mm(da0.T, h0)
 
 
 
@@ -58,9 +73,11 @@ def _packed_weight_grads(da, xr, h0, h, W_ih, cache):
     bs, N = cache["bs"], da.shape[0]
     dx = _scatter(_mm(da, W_ih), cache["rows"], T, B)
     dW_ih = _mm(da.T, xr)
-    dW_hh = _mm(da[:B].T, h0)
     if T > 1:
-        dW_hh += _mm(da[B:].T, h[np.arange(B, N) - np.repeat(bs[:-1], bs[1:])])
+        dW_hh = _mm(da[B:].T, h[np.arange(B, N) - np.repeat(bs[:-1], bs[1:])])
+    else:
+        dW_hh = np.zeros((da.shape[1], h0.shape[1]), da.dtype)
+    _add_initial_state_term(dW_hh, da[:B], h0)
     db = da.sum(axis=0) if cache["has_bias"] else None
     return dx, dW_ih, dW_hh, db
 

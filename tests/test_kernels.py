@@ -80,6 +80,23 @@ def test_lstm_layer_matches_reference(shape, bias, dtype):
             np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.parametrize("T,B", [(1, 1), (5, 1), (1, 3), (5, 3)])
+def test_lstm_weight_gradients_with_a_zero_initial_state(T, B):
+    """The h0 term of dW_hh is skipped when h0 is all zeros (layer_rows._add_initial_state_term):
+    the gradients must still be the reference's, at one step and many, batch 1 and more."""
+    rng = np.random.default_rng(T * 10 + B)
+    a = _lstm_inputs(rng, T, B, 3, 5, 5, np.float64, True)
+    a["h0"][:] = 0
+    args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], a["W_hr"])
+    want, got = F.lstm_layer_forward(*args), K.lstm_layer_forward(*args)
+    dout = rng.standard_normal((T, B, 5))
+    w = F.lstm_layer_backward(dout, None, None, want[3])
+    g = K.lstm_layer_backward(dout, None, None, got[3])
+    for name, gg, ww in zip(["dx", "dh0", "dc0", "dW_ih", "dW_hh", "db"], g, w):
+        _close(gg, ww, np.float64, name)
+    assert (np.abs(g[4]).max() > 0) == (T > 1)    # dW_hh: zeros at one step from h0 = 0, not after
+
+
 def test_lstm_backward_twice_gives_the_same_gradients():
     # backward must not consume its cache (e.g. by writing gate gradients over the activations).
     rng = np.random.default_rng(1)
