@@ -18,6 +18,15 @@ import numpy as np
 # thread; bigger ones keep all of them. The count is only ever lowered and always restored; with a
 # BLAS other than OpenBLAS this does nothing.
 SMALL_PRODUCT = 1 << 21
+# A batch-1 layer runs its whole time loop in one compiled call on one core, so by the time the
+# products around that loop come (the input projection before it, the input and weight gradients
+# after it) OpenBLAS's second thread has stopped spinning, and waking it costs more than it brings
+# for products of a few million multiply-adds. Measured at (T, B, I, H, layers) = (50, 1, 65, 128, 2):
+# (512, 49) x (49, 128) took 119 µs on two threads there against 46 µs in a loop of back-to-back
+# calls; with every such product under ISOLATED_PRODUCT on one thread the training step went from
+# 1.84 to 1.52 ms, while the same bound for all products made batch-32 steps 1.24x slower (their
+# per-step products keep the second thread busy). The batch-1 layers pass it as their limit.
+ISOLATED_PRODUCT = 1 << 23
 
 
 def _find_openblas():
@@ -61,7 +70,8 @@ except Exception:  # noqa: BLE001 - thread control is an optimisation, never a r
 
 
 class _single_blas_thread:
-    """with _single_blas_thread(macs): BLAS on one thread inside when macs < SMALL_PRODUCT.
+    """with _single_blas_thread(macs): BLAS on one thread inside when macs < SMALL_PRODUCT (or the
+    limit given, such as ISOLATED_PRODUCT).
     Nested or concurrent uses (several Python threads) share one depth count under a lock, so
     the count read before the first one is what the last one restores."""
 
@@ -70,8 +80,8 @@ class _single_blas_thread:
     _depth = 0
     _saved = 1
 
-    def __init__(self, macs):
-        self.on = _BLAS_THREADS is not None and macs < SMALL_PRODUCT
+    def __init__(self, macs, limit=None):
+        self.on = _BLAS_THREADS is not None and macs < (SMALL_PRODUCT if limit is None else limit)
 
     def __enter__(self):
         if self.on:
@@ -122,9 +132,9 @@ class _threads_per_step:
             self.ctx = None
 
 
-def _mm(a, b, out=None):
-    """a @ b for 2-D a, b; small products on one BLAS thread (see SMALL_PRODUCT)."""
-    with _single_blas_thread(a.shape[0] * a.shape[1] * b.shape[1]):
+def _mm(a, b, out=None, limit=None):
+    """a @ b for 2-D a, b; small products on one BLAS thread (see SMALL_PRODUCT; limit replaces it)."""
+    with _single_blas_thread(a.shape[0] * a.shape[1] * b.shape[1], limit):
         return np.matmul(a, b, out=out)
 
 

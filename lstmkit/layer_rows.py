@@ -11,18 +11,18 @@ import numpy as np
 from .blas import _mm
 
 
-def _input_and_weight_grads(da, x, h0, h, W_ih, has_bias):
+def _input_and_weight_grads(da, x, h0, h, W_ih, has_bias, limit=None):
     """After the backward loop, from the pre-activation gradients da (T, B, G) of every step:
     dx = da W_ih, dW_ih = Σ_t da_t^T x_t, dW_hh = Σ_t da_t^T h_{t-1}, db = Σ da; each one product
     over all T*B rows. h_{t-1} is h0 for t = 0 and the output h[t-1] after, so dW_hh is two
-    products instead of concatenating a (T, B, P) copy of the outputs."""
+    products instead of concatenating a (T, B, P) copy of the outputs. limit: blas._mm's."""
     T, B, G = da.shape
     I, P = x.shape[2], h0.shape[1]
     dA = da.reshape(T * B, G)
-    dx = _mm(dA, W_ih).reshape(T, B, I)
-    dW_ih = _mm(dA.T, x.reshape(T * B, I))
+    dx = _mm(dA, W_ih, limit=limit).reshape(T, B, I)
+    dW_ih = _mm(dA.T, x.reshape(T * B, I), limit=limit)
     if T > 1:
-        dW_hh = _mm(da[1:].reshape((T - 1) * B, G).T, h[:-1].reshape((T - 1) * B, P))
+        dW_hh = _mm(da[1:].reshape((T - 1) * B, G).T, h[:-1].reshape((T - 1) * B, P), limit=limit)
     else:
         dW_hh = np.zeros((G, P), da.dtype)
     _add_initial_state_term(dW_hh, da[0], h0)

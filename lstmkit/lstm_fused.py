@@ -29,7 +29,7 @@ time goes and what is done about it.
 import numpy as np
 
 from . import scratch
-from .blas import _c, _mm, _single_blas_thread, _threads_per_step
+from .blas import ISOLATED_PRODUCT, _c, _mm, _single_blas_thread, _threads_per_step
 from .jit import _JIT, _add2, _dot, _sigmoid, _tanh, _vecmat, _vecmat_add, njit
 from .layer_rows import _input_and_weight_grads, _packed_weight_grads, _packing, _scatter
 from .packed import check_batch_sizes
@@ -195,7 +195,7 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
         if bs[-1] != B:
             return _lstm_forward_packed(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, b is not None, bs, save)
     if B == 1:
-        xa = np.empty((0, 0), dt) if one_step else _mm(x.reshape(T, I), W_ih.T)
+        xa = np.empty((0, 0), dt) if one_step else _mm(x.reshape(T, I), W_ih.T, limit=ISOLATED_PRODUCT)
         gates, c, m, out, h_T, c_T = _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr if proj else W_hh,
                                                       proj, xa, xa if one_step else W_hh_T)
     else:
@@ -285,8 +285,9 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
                     _lstm_bwd_step(gates[t], c[t], c_prev, dout[t], dh_next, dc, dgates[t])
                 np.matmul(dgates[t], W_hh, out=dh_next)
 
-    dx, dW_ih, dW_hh, db = _input_and_weight_grads(dgates, x, h0, h, W_ih, cache["has_bias"])
-    dW_hr = _mm(dh_all.reshape(T * B, P).T, cache["m"].reshape(T * B, H)) if proj else None
+    limit = ISOLATED_PRODUCT if B == 1 else None      # blas.py: after a loop on one core
+    dx, dW_ih, dW_hh, db = _input_and_weight_grads(dgates, x, h0, h, W_ih, cache["has_bias"], limit)
+    dW_hr = _mm(dh_all.reshape(T * B, P).T, cache["m"].reshape(T * B, H), limit=limit) if proj else None
     scratch.give(dgates.base)         # read by nothing after this: the gradients above are new arrays
     return dx, dh_next, dc, dW_ih, dW_hh, db, dW_hr
 
