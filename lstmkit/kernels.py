@@ -25,10 +25,13 @@ Where the time goes, and what is done about it
       compiled call over all T steps with the matrix-vector products written out, because at
       that size Python and dispatch overhead, not arithmetic, is the cost. Callers need do
       nothing: lstm_layer_forward/backward take this path whenever B == 1.
-    * Small products run on one BLAS thread (blas.SMALL_PRODUCT).
+    * Small products run on one BLAS thread (blas.SMALL_PRODUCT), and a batch-1 layer's products
+      around its time loop up to blas.ISOLATED_PRODUCT.
     * No allocation inside the time loops. The largest arrays of a call (the LSTM's gates, its cell
-      states kept for backward, dgates) are kept and reused from call to call (scratch.py): fresh
-      multi-MB arrays are fresh pages, and page faults cost up to a quarter of a small step.
+      states kept for backward, dgates; in a module's stack also each layer's output, the weight
+      gradients and the dx passed down between layers) are kept and reused from call to call
+      (scratch.py, rnn_base.py): fresh multi-MB arrays are fresh pages, and page faults cost up to a
+      quarter of a small step. What is handed to the caller (the output, the bottom dx) is new.
     * W_hh^T is read from its own contiguous copy (kept by the module per weight version): through
       the view W_hh.T, OpenBLAS transposes W_hh again at every step.
     * tanh(c_t) is recomputed in backward rather than cached: cheaper than a (T, B, H) array.

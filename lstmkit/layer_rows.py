@@ -8,6 +8,7 @@ Shape letters
 
 import numpy as np
 
+from . import scratch
 from .blas import _mm
 
 
@@ -18,13 +19,18 @@ def _input_and_weight_grads(da, x, h0, h, W_ih, has_bias, limit=None):
     products instead of concatenating a (T, B, P) copy of the outputs. limit: blas._mm's."""
     T, B, G = da.shape
     I, P = x.shape[2], h0.shape[1]
+    dt = da.dtype
     dA = da.reshape(T * B, G)
-    dx = _mm(dA, W_ih, limit=limit).reshape(T, B, I)
-    dW_ih = _mm(dA.T, x.reshape(T * B, I), limit=limit)
+    # new arrays for the caller, taken from scratch.py's pool: rnn_base gives the weight gradients
+    # back once added into .grads, and a layer's dx once the layer below has used it
+    dx = scratch.take((T, B, I), dt)
+    _mm(dA, W_ih, out=dx.reshape(T * B, I), limit=limit)
+    dW_ih = _mm(dA.T, x.reshape(T * B, I), out=scratch.take((G, I), dt), limit=limit)
+    dW_hh = scratch.take((G, P), dt)
     if T > 1:
-        dW_hh = _mm(da[1:].reshape((T - 1) * B, G).T, h[:-1].reshape((T - 1) * B, P), limit=limit)
+        _mm(da[1:].reshape((T - 1) * B, G).T, h[:-1].reshape((T - 1) * B, P), out=dW_hh, limit=limit)
     else:
-        dW_hh = np.zeros((G, P), da.dtype)
+        dW_hh[...] = 0
     _add_initial_state_term(dW_hh, da[0], h0)
     db = dA.sum(axis=0) if has_bias else None
     return dx, dW_ih, dW_hh, db

@@ -161,7 +161,7 @@ def _lstm_layer_bwd_b1(dout, gates, c, c0, W_hh_T, W_hr, has_proj, dh, dc, dgate
 
 # ---------------------------------------------------------------------- the layer
 def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W_hh_T=None,
-                       batch_sizes=None):
+                       batch_sizes=None, out=None):
     """One LSTM layer, one direction, all T steps; the contract of functional.lstm_layer_forward.
 
     x (T, B, I), h0 (B, P), c0 (B, H), W_ih (G, I), W_hh (G, P), b (G,) or None, W_hr (P, H) or None.
@@ -175,6 +175,8 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     and without it one is copied per call.
     batch_sizes (T,) or None: a packed batch (packed.py), run natively over its real rows only
     (_lstm_forward_packed); a batch whose sequences all run T steps is an ordinary one.
+    out: a C-contiguous (T, B, P) array of the result's dtype to write the output into, as NumPy's
+    out= (rnn_base passes kept arrays, so that a step maps no fresh memory); it is what is returned.
     """
     dt = np.result_type(x.dtype, W_ih.dtype)
     x = _c(x, dt)
@@ -190,16 +192,28 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
         W_hh_T = _c(W_hh_T, dt)
     elif not one_step:
         W_hh_T = np.ascontiguousarray(W_hh.T)
+    if out is not None and (out.shape != (T, B, P) or out.dtype != dt or not out.flags.c_contiguous):
+        raise ValueError(f"lstm_layer_forward: out must be a C-contiguous {(T, B, P)} array of {dt}, "
+                         f"got {out.shape} {out.dtype}")
     if batch_sizes is not None:
         bs = check_batch_sizes(batch_sizes, T, B)
         if bs[-1] != B:
-            return _lstm_forward_packed(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, b is not None, bs, save)
+            result = _lstm_forward_packed(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, b is not None, bs, save)
+            if out is not None:
+                out[...] = result[0]
+                result = (out, *result[1:])
+            return result
     if B == 1:
         xa = np.empty((0, 0), dt) if one_step else _mm(x.reshape(T, I), W_ih.T, limit=ISOLATED_PRODUCT)
-        gates, c, m, out, h_T, c_T = _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr if proj else W_hh,
-                                                      proj, xa, xa if one_step else W_hh_T)
+        gates, c, m, y, h_T, c_T = _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr if proj else W_hh,
+                                                    proj, xa, xa if one_step else W_hh_T)
+        if out is None:
+            out = y
+        else:
+            out[...] = y
+            m = m if proj else out
     else:
-        gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save)
+        gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save, out)
         h_T, c_T = out[-1].copy(), c[-1].copy()
     if not save:
         if B > 1:
@@ -212,7 +226,7 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     return out, h_T, c_T, cache
 
 
-def _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save):
+def _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save, out=None):
     """B > 1: one product for the input projection of every step, then per step one recurrent
     product and one fused kernel call. Returns gates (T, B, G), c, m, out. Without save, c and m
     are two and one (B, H) buffers that the steps take turns with (c[-1] is still c_T).
@@ -225,7 +239,8 @@ def _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save):
     dt = x.dtype
     proj = W_hr is not None
     c = scratch.take((T, B, H), dt) if save else np.empty((2, B, H), dt)    # the cache's c: kept (scratch.py)
-    out = np.empty((T, B, P), dt)     # handed to the caller: always a new array
+    if out is None:
+        out = np.empty((T, B, P), dt)   # handed to the caller: a new array unless one was given
     # Without projection m_t is h_t: the kernel writes straight into the output.
     m = np.empty((T if save else 1, B, H), dt) if proj else out
     # The kernel adds the bias to these input projections. A kept array (scratch.py): the largest

@@ -21,9 +21,9 @@ import warnings
 
 import numpy as np
 
-from . import contexts, gru, packed
+from . import contexts, gru, packed, scratch
 from .contexts import is_grad_enabled
-from .module import _backend, _check_dtype, _check_int, _check_size, _Module
+from .module import _backend, _check_dtype, _check_int, _check_size, _kernels, _Module
 from .utils.rnn import PackedSequence
 
 
@@ -146,11 +146,11 @@ class _RNNBase(_Module):
             raise RuntimeError(f"For {kind} input, {names} should also be {want}-D but got ({got}) tensors")
 
     # ------------------------------------------------------------------ one layer, one direction
-    def _layer_forward(self, backend, layer, d, x, h0, c0, bs, save):
+    def _layer_forward(self, backend, layer, d, x, h0, c0, bs, save, out=None):
         """One layer in one direction: out (T, N, P), h_T, c_T (None but for the LSTM), cache.
         bs: the batch_sizes of a packed batch (x on its sorted grid), or None; every layer takes
         it (real tokens only: kernels.py and gru.py natively, functional.py through packed.py's
-        segment runner)."""
+        segment runner). out: a kept array for the output (the fused LSTM layers only)."""
         sfx = self._suffixes[layer][d]
         p = self._plain
         W_ih, W_hh = p["weight_ih" + sfx], p["weight_hh" + sfx]
@@ -165,11 +165,12 @@ class _RNNBase(_Module):
             # says why); only one step of batch 1 without backward reads W_hh's rows instead
             one_token = x.shape[0] == 1 and x.shape[1] == 1 and not save
             W_hh_T = self._transposed_W_hh(sfx) if self._xp is np and not one_token else None
-            if bs is None:   # the hot path of generation: no extra keyword
+            if bs is None and out is None:   # the hot path of generation: no extra keyword
                 return backend.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, p.get("weight_hr" + sfx),
                                                   save=save, W_hh_T=W_hh_T)
+            extra = {} if out is None else {"out": out}   # out: the fused CPU layers only
             return backend.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, p.get("weight_hr" + sfx),
-                                              save=save, W_hh_T=W_hh_T, batch_sizes=bs)
+                                              save=save, W_hh_T=W_hh_T, batch_sizes=bs, **extra)
         nl = "tanh" if self.mode == "RNN_TANH" else "relu"
         out, h_T, cache = backend.rnn_layer_forward(x, h0, W_ih, W_hh, b, nl, save=save, batch_sizes=bs)
         return out, h_T, None, cache
@@ -188,6 +189,9 @@ class _RNNBase(_Module):
             (dx, dh0, dW_ih, dW_hh, db), dc0, dW_hr = backend.rnn_layer_backward(dout, dh, cache), None, None
         # b = b_ih + b_hh in these layers, so both biases receive its gradient
         self._accumulate(sfx, dW_ih, dW_hh, db, db, dW_hr)
+        if backend is _kernels and _kernels is not None:   # new arrays of the fused layers, now read by nothing
+            scratch.give(dW_ih)
+            scratch.give(dW_hh)
         return dx, dh0, dc0
 
     def _accumulate(self, sfx, dW_ih, dW_hh, db_ih, db_hh, dW_hr=None):
@@ -219,6 +223,7 @@ class _RNNBase(_Module):
         h_n = xp.empty_like(h0)
         c_n = xp.empty_like(c0) if c0 is not None else None
         caches, masks = [], []
+        kept = []      # the layers' outputs written into kept arrays: (array, layer)
         for layer in range(L_):
             mask = None
             if layer > 0 and self.training and self.dropout > 0:
@@ -234,19 +239,51 @@ class _RNNBase(_Module):
             for d in range(D):
                 idx = layer * D + d
                 xin = xp.ascontiguousarray(x if d == 0 else flip(x))
+                buf = self._kept_output(backend, xin, layer, save, packing)
                 out, h_n[idx], c_T, cache = self._layer_forward(
-                    backend, layer, d, xin, h0[idx], None if c0 is None else c0[idx], bs, save)
+                    backend, layer, d, xin, h0[idx], None if c0 is None else c0[idx], bs, save, buf)
+                if buf is not None:
+                    kept.append((buf, layer))
                 if c_T is not None:
                     c_n[idx] = c_T
                 outs.append(out if d == 0 else flip(out))
                 layer_caches.append(cache)
             caches.append(layer_caches)
             x = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
+        if save and D == 1 and packing is None:   # the top layer's cache holds its output as h: hand out a copy
+            x = x.copy()
+        self._give_back_outputs(kept, caches, save)
         if not save:
             return x, h_n, c_n, None
-        if D == 1 and packing is None:   # the top layer's cache holds its output as h: hand out a copy
-            x = x.copy()
         return x, h_n, c_n, {"caches": caches, "masks": masks}
+
+    # ------------------------------------------------------------------ kept output arrays
+    # A layer's output is a (T, N, P) array every call; fresh memory each time costs page faults
+    # (scratch.py). The fused LSTM layers write it into an array kept in scratch.py's pool when
+    # nothing outside the stack will ever hold it: in training every layer's output (the top one is
+    # copied for the caller, the others are the next layer's input; all are read by the caches
+    # until they go), under no_grad every layer's but the top one's (which is handed on as it is).
+    def _kept_output(self, backend, x, layer, save, packing):
+        if self.mode != "LSTM" or backend is not _kernels or _kernels is None:
+            return None
+        if not save and layer == self.num_layers - 1:
+            return None
+        return scratch.take((x.shape[0], x.shape[1], self._P), self.dtype)
+
+    @staticmethod
+    def _give_back_outputs(kept, caches, save):
+        """Each kept output goes back to the pool once nothing reads it: under no_grad now (the
+        next layer has run), in training once every cache that holds it is gone (its own layer's,
+        as h, and the next layer's, as x, without dropout in between). A layer whose caches are not
+        all scratch.Cache (a packed batch's) keeps its array out of the pool."""
+        for buf, layer in kept:
+            if not save:
+                scratch.give(buf)
+                continue
+            readers = [c for lc in caches[layer:layer + 2] for c in lc
+                       if isinstance(c, scratch.Cache) and any(v is buf for v in c.values())]
+            if readers and all(isinstance(c, scratch.Cache) for c in caches[layer]):
+                scratch.give_when_gone(readers, buf)
 
     def _backward_stack(self, dy, dh_n, dc_n, saved):
         """Backward through the stack in reverse. dy (L, N, D*P) -> dx (L, N, I), dh_0, dc_0."""
@@ -256,6 +293,7 @@ class _RNNBase(_Module):
         xp = self._xp
         dh0 = xp.empty_like(dh_n)
         dc0 = xp.empty_like(dc_n) if dc_n is not None else None
+        ours = None     # the gradient that a layer above made (never the caller's grad_output)
         for layer in reversed(range(self.num_layers)):
             dx_layer = None
             for d in range(D):
@@ -269,9 +307,14 @@ class _RNNBase(_Module):
                     dc0[idx] = dc
                 dx = dx if d == 0 else flip(dx)
                 dx_layer = dx if dx_layer is None else dx_layer + dx
+            if ours is not None and xp is np:   # the layer above's dx: read by nothing any more
+                scratch.give(ours)
             if saved["masks"][layer] is not None:
-                dx_layer = dx_layer * saved["masks"][layer]
-            dy = dx_layer
+                if D == 1 and xp is np:
+                    dx_layer *= saved["masks"][layer]     # dx is this layer's new array
+                else:
+                    dx_layer = dx_layer * saved["masks"][layer]
+            dy = ours = dx_layer
         return dy, dh0, dc0
 
     # ------------------------------------------------------------------ forward and backward

@@ -11,7 +11,7 @@ layer's gates (T, B, 4H), kept for the backward, and the backward's dgates of th
 How: `take(shape, dtype)` returns a kept array of that shape if one is free, else a new one;
 `give(a)` keeps `a` for the next take. Only arrays that nothing else can still read are given:
 dgates at the end of the backward that made it, the forward's gates when no backward will follow
-(no_grad), and a cache's gates when the cache itself is gone (its last reference dropped: the
+(no_grad), a cache's gates, cell states and (rnn_base.py) outputs when the cache itself is gone (its last reference dropped: the
 backward consumed it, or the caller let it go), through `give_when_gone`. A cache kept for a second
 backward (retain=True) keeps its gates. At most KEEP arrays per shape and SHAPES shapes are kept
 (the least recently used shape is dropped first), so varying sequence lengths cannot grow it.
@@ -25,7 +25,10 @@ from collections import OrderedDict
 
 import numpy as np
 
-KEEP = 2        # arrays kept per (shape, dtype): a forward's gates and a backward's dgates
+# arrays kept per (shape, dtype). A training step of an L-layer LSTM gives back L gates and one
+# dgates (T, B, 4H), and L cell states and L outputs (T, B, H) (rnn_base.py keeps the outputs):
+# 8 covers four layers without any step mapping fresh memory for them.
+KEEP = 8
 SHAPES = 8      # (shape, dtype) keys kept, least recently used dropped first
 
 _free = OrderedDict()     # (shape, dtype) -> [arrays]
@@ -68,8 +71,19 @@ class Cache(dict):
 
 
 def give_when_gone(cache, *arrays):
-    """Give `arrays` back once `cache` (a Cache) has no references left."""
-    weakref.finalize(cache, _give_all, arrays)
+    """Give `arrays` back once `cache` (a Cache, or a list of them) has no references left: with
+    several, once every one of them is gone (an array that two caches read, such as a layer's
+    output that the next layer's cache holds as its input)."""
+    caches = cache if isinstance(cache, (list, tuple)) else [cache]
+    left = [len(caches)]
+
+    def one_gone():
+        left[0] -= 1
+        if left[0] == 0:
+            _give_all(arrays)
+
+    for c in caches:
+        weakref.finalize(c, one_gone)
 
 
 def _give_all(arrays):

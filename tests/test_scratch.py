@@ -95,3 +95,100 @@ def test_two_live_contexts_never_share_their_gates():
     want_b, _ = ref.backward(dy)
     np.testing.assert_array_equal(dxa, want_a)
     np.testing.assert_array_equal(dxb, want_b)
+
+
+def test_an_array_read_by_two_caches_is_given_back_only_when_both_are_gone():
+    a, b = scratch.Cache(), scratch.Cache()
+    arr = np.empty((9, 11), np.float32)
+    scratch.give_when_gone([a, b], arr)
+    del a
+    gc.collect()
+    assert scratch.take((9, 11), np.float32) is not arr     # b still reads it
+    del b
+    gc.collect()
+    assert scratch.take((9, 11), np.float32) is arr
+
+
+def test_a_two_layer_stack_keeps_its_outputs_and_gradients_apart_from_the_callers():
+    """rnn_base writes every layer's output into kept arrays and gives back the weight gradients
+    and the upper layers' dx: over several steps the results must be a fresh module's, and what
+    a step handed out (output, dx, parameter gradients) must not change when later steps run."""
+    T, B, I, H = 5, 4, 3, 6
+    rng = np.random.default_rng(4)
+    xs = [rng.standard_normal((T, B, I)).astype(np.float32) for _ in range(3)]
+    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+    lstm = LSTM(I, H, num_layers=3, seed=5)
+    handed = []
+    for x in xs:
+        out, dx, grads = _step(lstm, x, dy)
+        handed.append((out, dx, out.copy(), dx.copy()))
+        gc.collect()
+        want = _step(LSTM(I, H, num_layers=3, seed=5), x, dy)
+        np.testing.assert_array_equal(out, want[0])
+        np.testing.assert_array_equal(dx, want[1])
+        for k in want[2]:
+            np.testing.assert_array_equal(grads[k], want[2][k])
+    for out, dx, out_then, dx_then in handed:
+        np.testing.assert_array_equal(out, out_then)
+        np.testing.assert_array_equal(dx, dx_then)
+    assert scratch._free.get(((T, B, H), np.dtype(np.float32).str)), "the outputs were kept"
+
+
+def test_a_kept_context_of_a_stack_survives_other_steps():
+    """The layers' outputs are read by the context's caches (as h, and as the next layer's x):
+    steps run in between must not reuse them while the context lives."""
+    T, B, I, H = 4, 3, 5, 5
+    rng = np.random.default_rng(6)
+    x, other = (rng.standard_normal((T, B, I)).astype(np.float32) for _ in range(2))
+    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+    lstm = LSTM(I, H, num_layers=2, seed=7)
+    _, _, ctx = lstm(x, return_ctx=True)
+    for _ in range(3):
+        o, _ = lstm(other)
+        lstm.backward(np.ones_like(o))
+    lstm.zero_grad()
+    dx, _ = lstm.backward(dy, ctx=ctx)
+    ref = LSTM(I, H, num_layers=2, seed=7)
+    ref(x)
+    want, _ = ref.backward(dy)
+    np.testing.assert_array_equal(dx, want)
+    np.testing.assert_array_equal(lstm.grads["weight_hh_l0"], ref.grads["weight_hh_l0"])
+
+
+@pytest.mark.parametrize("T,B,lengths", [(5, 3, None), (6, 1, None), (5, 3, [5, 3, 2])])
+def test_the_layer_writes_into_out_when_given_one(T, B, lengths):
+    rng = np.random.default_rng(T + B)
+    I, H = 4, 6
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)   # noqa: E731
+    args = (r(T, B, I), r(B, H), r(B, H), r(4 * H, I), r(4 * H, H), r(4 * H))
+    bs = None if lengths is None else np.array([sum(n > t for n in lengths) for t in range(T)])
+    want = K.lstm_layer_forward(*args, batch_sizes=bs)
+    buf = np.full((T, B, H), np.nan, np.float32)
+    got = K.lstm_layer_forward(*args, batch_sizes=bs, out=buf)
+    assert got[0] is buf
+    for g, w in zip(got[:3], want[:3]):
+        np.testing.assert_array_equal(g, w)
+    dout = r(T, B, H)
+    for g, w in zip(K.lstm_layer_backward(dout, None, None, got[3]),
+                    K.lstm_layer_backward(dout, None, None, want[3])):
+        np.testing.assert_array_equal(g, w)
+    with pytest.raises(ValueError, match=r"out must be a C-contiguous .* array of float32, got"):
+        K.lstm_layer_forward(*args, batch_sizes=bs, out=np.empty((T, B, H + 1), np.float32))
+
+
+def test_a_layer_output_stays_while_the_next_layers_cache_reads_it():
+    """Without dropout the second layer's cache holds the first layer's output as its x: keeping
+    that cache alone (as a lesson looking inside one layer would) must keep the array from reuse."""
+    T, B, I, H = 4, 3, 5, 5
+    rng = np.random.default_rng(8)
+    x, other = (rng.standard_normal((T, B, I)).astype(np.float32) for _ in range(2))
+    lstm = LSTM(I, H, num_layers=2, seed=9)
+    _, _, ctx = lstm(x, return_ctx=True)
+    upper = ctx.saved["caches"][1][0]
+    x_of_upper = upper["x"].copy()
+    del ctx
+    gc.collect()
+    for _ in range(3):
+        o, _ = lstm(other)
+        lstm.backward(np.ones_like(o))
+    np.testing.assert_array_equal(upper["x"], x_of_upper)
