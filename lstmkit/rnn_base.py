@@ -242,7 +242,7 @@ class _RNNBase(_Module):
                 buf = self._kept_output(backend, xin, layer, save, packing)
                 out, h_n[idx], c_T, cache = self._layer_forward(
                     backend, layer, d, xin, h0[idx], None if c0 is None else c0[idx], bs, save, buf)
-                if buf is not None:
+                if buf is not None and (save or layer < L_ - 1):   # not the one handed out
                     kept.append((buf, layer))
                 if c_T is not None:
                     c_n[idx] = c_T
@@ -251,7 +251,7 @@ class _RNNBase(_Module):
             caches.append(layer_caches)
             x = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
         if save and D == 1 and packing is None:   # the top layer's cache holds its output as h: hand out a copy
-            x = x.copy()
+            x = self._new_output_copy(x)
         self._give_back_outputs(kept, caches, save)
         if not save:
             return x, h_n, c_n, None
@@ -259,16 +259,28 @@ class _RNNBase(_Module):
 
     # ------------------------------------------------------------------ kept output arrays
     # A layer's output is a (T, N, P) array every call; fresh memory each time costs page faults
-    # (scratch.py). The fused LSTM layers write it into an array kept in scratch.py's pool when
-    # nothing outside the stack will ever hold it: in training every layer's output (the top one is
-    # copied for the caller, the others are the next layer's input; all are read by the caches
-    # until they go), under no_grad every layer's but the top one's (which is handed on as it is).
+    # (scratch.py). The fused LSTM layers write it into an array from scratch.py's pool: in training
+    # every layer's (the top one is copied for the caller, the others are the next layer's input;
+    # all are read by the caches until they go), under no_grad every layer's (the top one of a plain
+    # unidirectional stack is handed out as it is; a packed or bidirectional top is not pooled).
+    # What the caller receives is held and reclaimed at the next call if the caller let go of it.
     def _kept_output(self, backend, x, layer, save, packing):
         if self.mode != "LSTM" or backend is not _kernels or _kernels is None:
             return None
-        if not save and layer == self.num_layers - 1:
+        if not save and layer == self.num_layers - 1 and (self._D == 2 or packing is not None):
             return None
         return scratch.take((x.shape[0], x.shape[1], self._P), self.dtype)
+
+    def _new_output_copy(self, y):
+        if self._xp is not np:
+            return y.copy()
+        out = scratch.take(y.shape, y.dtype)
+        np.copyto(out, y)
+        return out
+
+    def _handed(self):
+        """What this module handed to its caller last (output, dx), for scratch.reclaim."""
+        return self.__dict__.setdefault("_handed_out", {})
 
     @staticmethod
     def _give_back_outputs(kept, caches, save):
@@ -323,7 +335,10 @@ class _RNNBase(_Module):
         self.__dict__["_last"] = None   # drop the previous context first: two sets of caches never coexist
         backend = _backend(self._xp)
         save = is_grad_enabled()
+        scratch.reclaim(self._handed(), "output")     # last call's output, if the caller let it go
         y, h_n, c_n, saved = self._run_stack(x, h0, c0, backend, save, packing)
+        if packing is None and self._xp is np:
+            scratch.hold(self._handed(), "output", y)
         if packing is None:
             output = self._finish_output(y, batched)
             h_n, c_n = self._state_out(h_n, batched), None if c_n is None else self._state_out(c_n, batched)
@@ -357,7 +372,10 @@ class _RNNBase(_Module):
             dc_n = None if dc_n is None else dc_n[:, None, :]
         elif self.batch_first:
             dy = dy.swapaxes(0, 1)
+        scratch.reclaim(self._handed(), "dx")     # last backward's dx, if the caller let it go
         dx, dh0, dc0 = self._backward_stack(dy, dh_n, dc_n, saved)
+        if packing is None and self._xp is np:
+            scratch.hold(self._handed(), "dx", dx)
         contexts.done(ctx, retain)
         if packing is not None:
             dx = PackedSequence(packed.from_grid(dx, packing["bs"]), packing["batch_sizes"],

@@ -16,9 +16,13 @@ backward consumed it, or the caller let it go), through `give_when_gone`. A cach
 backward (retain=True) keeps its gates. At most KEEP arrays per shape and SHAPES shapes are kept
 (the least recently used shape is dropped first), so varying sequence lengths cannot grow it.
 
+Arrays handed to the caller (a module's output and dx) are new; the module holds them and gives
+them to the pool at its next call only when the caller has let go of them (hold/reclaim, below).
+
 Shape letters: T steps, B batch, H hidden size.
 """
 
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -89,3 +93,38 @@ def give_when_gone(cache, *arrays):
 def _give_all(arrays):
     for a in arrays:
         give(a)
+
+
+# ---------------------------------------------------------------------- arrays handed to the caller
+# A module hands out its output (and, from backward, dx): new arrays that only the caller can know to
+# be dead. `hold(held, key, a)` keeps a reference to the array handed out; at the next call,
+# `reclaim(held, key)` gives it to the pool if the caller has let go of it and of every view of it.
+# CPython counts references exactly: a view holds its base, a memoryview or a buffer export holds
+# the array, so a count equal to what our own dict and locals make (measured below, through the same
+# function, at import) means nobody else can reach the memory. Without exact counts (PyPy, a
+# free-threaded build) nothing is reclaimed and the caller's arrays stay new, as before.
+def _references(held, key):
+    a = held.get(key)
+    return sys.getrefcount(a)
+
+
+def _alone_count():
+    if sys.implementation.name != "cpython" or not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return None
+    probe = {"a": np.empty(1)}
+    return _references(probe, "a")
+
+
+_ALONE = _alone_count()
+
+
+def hold(held, key, a):
+    """Remember `a`, just handed to the caller under `key` (held: a dict the module owns)."""
+    if _ALONE is not None and isinstance(a, np.ndarray) and a.base is None:
+        held[key] = a
+
+
+def reclaim(held, key):
+    """Give the array held under `key` to the pool when nothing but `held` refers to it."""
+    if key in held and _references(held, key) == _ALONE:
+        give(held.pop(key))

@@ -5,11 +5,13 @@ Shape letters: T steps, B batch, I input size, H hidden size.
 """
 
 import gc
+import weakref
 
 import numpy as np
 import pytest
 
 from lstmkit import LSTM, scratch
+from lstmkit import no_grad as lstmkit_no_grad
 
 K = pytest.importorskip("lstmkit.kernels")
 if not K.AVAILABLE:  # pragma: no cover - numba is a run-time dependency
@@ -192,3 +194,59 @@ def test_a_layer_output_stays_while_the_next_layers_cache_reads_it():
         o, _ = lstm(other)
         lstm.backward(np.ones_like(o))
     np.testing.assert_array_equal(upper["x"], x_of_upper)
+
+
+needs_counts = pytest.mark.skipif(scratch._ALONE is None, reason="no exact reference counts here")
+
+
+@needs_counts
+def test_a_held_array_is_reclaimed_only_when_nothing_else_refers_to_it():
+    held = {}
+    a = np.empty((3, 4))
+    scratch.hold(held, "out", a)
+    scratch.reclaim(held, "out")
+    assert "out" in held                       # the caller still has it
+    view = a[1:]
+    del a
+    scratch.reclaim(held, "out")
+    assert "out" in held                       # a view of it is alive
+    del view
+    m = memoryview(held["out"])
+    scratch.reclaim(held, "out")
+    assert "out" in held                       # so is a buffer export
+    del m
+    scratch.reclaim(held, "out")
+    assert "out" not in held                   # now only the pool has it
+    assert scratch.take((3, 4), np.float64) is not None
+
+
+@needs_counts
+def test_an_output_the_caller_let_go_of_is_reused_and_one_it_keeps_is_not():
+    """The module holds what it handed out; the next call reuses it only if the caller dropped it
+    (and every view of it): kept outputs, dx and views keep their values."""
+    T, B, I, H = 5, 3, 4, 6
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+    lstm = LSTM(I, H, num_layers=2, seed=11)
+    out, _ = lstm(x)
+    dx, _ = lstm.backward(dy)
+    gone_out, gone_dx = weakref.ref(out), weakref.ref(dx)
+    del out, dx
+    out2, _ = lstm(x + 1)
+    dx2, _ = lstm.backward(dy)
+    # reclaimed into the pool (and reused there), not freed: the module no longer holds them itself
+    assert gone_out() is not None and gone_dx() is not None
+    kept_out, kept_dx, tail = out2.copy(), dx2.copy(), out2[2:]
+    del out2
+    for _ in range(2):                                 # dx2 kept, out2 only through a view
+        o, _ = lstm(x - 1)
+        lstm.backward(dy)
+    np.testing.assert_array_equal(tail, kept_out[2:])
+    np.testing.assert_array_equal(dx2, kept_dx)
+    with lstmkit_no_grad():                            # inference hands out and reclaims the same way
+        a, _ = lstm(x)
+        first = a.copy()
+        b, _ = lstm(x - 2)
+    np.testing.assert_array_equal(a, first)
+    assert b is not a
