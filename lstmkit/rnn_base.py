@@ -13,7 +13,8 @@ Devices: the stack is written against the module's array module `xp` (numpy, or 
 .to("cuda")); the layers come from module._backend(xp). Dropout masks are drawn on the host by
 the module's NumPy generator (and copied to the GPU once per layer), so a seed gives the same
 masks on both devices. A packed batch on the GPU has its data there and its layout (batch_sizes,
-indices) on the host, as torch keeps batch_sizes on the CPU.
+indices) on the host, as torch keeps batch_sizes on the CPU. Which of a call's arrays come from
+scratch.py's pool, and when they go back: stack_arrays.py.
 """
 
 import numbers
@@ -21,7 +22,7 @@ import warnings
 
 import numpy as np
 
-from . import contexts, gru, packed, scratch
+from . import contexts, gru, packed, scratch, stack_arrays
 from .contexts import is_grad_enabled
 from .module import _backend, _check_dtype, _check_int, _check_size, _kernels, _Module
 from .utils.rnn import PackedSequence
@@ -239,7 +240,7 @@ class _RNNBase(_Module):
             for d in range(D):
                 idx = layer * D + d
                 xin = xp.ascontiguousarray(x if d == 0 else flip(x))
-                buf = self._kept_output(backend, xin, layer, save, packing)
+                buf = stack_arrays.layer_output(self, backend, xin, layer, save, packing)
                 out, h_n[idx], c_T, cache = self._layer_forward(
                     backend, layer, d, xin, h0[idx], None if c0 is None else c0[idx], bs, save, buf)
                 if buf is not None and (save or layer < L_ - 1):   # not the one handed out
@@ -251,51 +252,11 @@ class _RNNBase(_Module):
             caches.append(layer_caches)
             x = outs[0] if D == 1 else xp.concatenate(outs, axis=2)
         if save and D == 1 and packing is None:   # the top layer's cache holds its output as h: hand out a copy
-            x = self._new_output_copy(x)
-        self._give_back_outputs(kept, caches, save)
+            x = stack_arrays.copy_for_caller(xp, x)
+        stack_arrays.give_back_outputs(kept, caches, save)
         if not save:
             return x, h_n, c_n, None
         return x, h_n, c_n, {"caches": caches, "masks": masks}
-
-    # ------------------------------------------------------------------ kept output arrays
-    # A layer's output is a (T, N, P) array every call; fresh memory each time costs page faults
-    # (scratch.py). The fused LSTM layers write it into an array from scratch.py's pool: in training
-    # every layer's (the top one is copied for the caller, the others are the next layer's input;
-    # all are read by the caches until they go), under no_grad every layer's (the top one of a plain
-    # unidirectional stack is handed out as it is; a packed or bidirectional top is not pooled).
-    # What the caller receives is held and reclaimed at the next call if the caller let go of it.
-    def _kept_output(self, backend, x, layer, save, packing):
-        if self.mode != "LSTM" or backend is not _kernels or _kernels is None:
-            return None
-        if not save and layer == self.num_layers - 1 and (self._D == 2 or packing is not None):
-            return None
-        return scratch.take((x.shape[0], x.shape[1], self._P), self.dtype)
-
-    def _new_output_copy(self, y):
-        if self._xp is not np:
-            return y.copy()
-        out = scratch.take(y.shape, y.dtype)
-        np.copyto(out, y)
-        return out
-
-    def _handed(self):
-        """What this module handed to its caller last (output, dx), for scratch.reclaim."""
-        return self.__dict__.setdefault("_handed_out", {})
-
-    @staticmethod
-    def _give_back_outputs(kept, caches, save):
-        """Each kept output goes back to the pool once nothing reads it: under no_grad now (the
-        next layer has run), in training once every cache that holds it is gone (its own layer's,
-        as h, and the next layer's, as x, without dropout in between). A layer whose caches are not
-        all scratch.Cache (a packed batch's) keeps its array out of the pool."""
-        for buf, layer in kept:
-            if not save:
-                scratch.give(buf)
-                continue
-            readers = [c for lc in caches[layer:layer + 2] for c in lc
-                       if isinstance(c, scratch.Cache) and any(v is buf for v in c.values())]
-            if readers and all(isinstance(c, scratch.Cache) for c in caches[layer]):
-                scratch.give_when_gone(readers, buf)
 
     def _backward_stack(self, dy, dh_n, dc_n, saved):
         """Backward through the stack in reverse. dy (L, N, D*P) -> dx (L, N, I), dh_0, dc_0."""
@@ -335,10 +296,10 @@ class _RNNBase(_Module):
         self.__dict__["_last"] = None   # drop the previous context first: two sets of caches never coexist
         backend = _backend(self._xp)
         save = is_grad_enabled()
-        scratch.reclaim(self._handed(), "output")     # last call's output, if the caller let it go
+        scratch.reclaim(stack_arrays.handed(self), "output")     # last call's output, if the caller let it go
         y, h_n, c_n, saved = self._run_stack(x, h0, c0, backend, save, packing)
         if packing is None and self._xp is np:
-            scratch.hold(self._handed(), "output", y)
+            scratch.hold(stack_arrays.handed(self), "output", y)
         if packing is None:
             output = self._finish_output(y, batched)
             h_n, c_n = self._state_out(h_n, batched), None if c_n is None else self._state_out(c_n, batched)
@@ -372,10 +333,10 @@ class _RNNBase(_Module):
             dc_n = None if dc_n is None else dc_n[:, None, :]
         elif self.batch_first:
             dy = dy.swapaxes(0, 1)
-        scratch.reclaim(self._handed(), "dx")     # last backward's dx, if the caller let it go
+        scratch.reclaim(stack_arrays.handed(self), "dx")     # last backward's dx, if the caller let it go
         dx, dh0, dc0 = self._backward_stack(dy, dh_n, dc_n, saved)
         if packing is None and self._xp is np:
-            scratch.hold(self._handed(), "dx", dx)
+            scratch.hold(stack_arrays.handed(self), "dx", dx)
         contexts.done(ctx, retain)
         if packing is not None:
             dx = PackedSequence(packed.from_grid(dx, packing["bs"]), packing["batch_sizes"],
