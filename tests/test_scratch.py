@@ -250,3 +250,20 @@ def test_an_output_the_caller_let_go_of_is_reused_and_one_it_keeps_is_not():
         b, _ = lstm(x - 2)
     np.testing.assert_array_equal(a, first)
     assert b is not a
+
+
+@needs_counts
+def test_an_output_fed_back_as_the_next_input_is_not_reclaimed_under_it():
+    """lstm(lstm(x)[0]): the inner output is referenced only by the call that reads it; the outer
+    call must not hand its memory to its own layers while reading it."""
+    T, B, H = 4, 3, 5
+    x = np.random.default_rng(12).standard_normal((T, B, H)).astype(np.float32)
+    lstm = LSTM(H, H, num_layers=2, seed=13)
+    got, _ = lstm(lstm(x)[0])
+    ref = LSTM(H, H, num_layers=2, seed=13)
+    inner = ref(x)[0].copy()
+    want, _ = ref(inner)
+    np.testing.assert_array_equal(got, want)
+    with lstmkit_no_grad():
+        got, _ = lstm(lstm(x)[0])
+    np.testing.assert_array_equal(got, want)
