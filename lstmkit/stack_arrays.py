@@ -7,7 +7,8 @@ memory each time is fresh pages, and page faults cost up to a quarter of a small
       training all of them (the top one is copied for the caller, the others are the next layer's
       input; the caches read them until they go), under no_grad all of them too (the top one of a
       plain unidirectional stack is handed to the caller as it is; a packed or bidirectional top is
-      not pooled: from_grid and concatenate make the caller's array).
+      not pooled: from_grid and concatenate make the caller's array). A packed batch of unequal
+      lengths is not pooled at all: its layers build their output grid from the real rows.
     * A pooled output goes back once nothing reads it (give_back_outputs).
     * What the caller receives (output, dx) is held by the module and reclaimed at its next call if
       the caller has let go of it (scratch.hold / scratch.reclaim).
@@ -25,6 +26,8 @@ def layer_output(stack, backend, x, layer, save, packing):
     """A pooled (T, N, P) array for this layer's output, or None where the layer makes its own."""
     if stack.mode != "LSTM" or backend is not _kernels or _kernels is None:
         return None
+    if packing is not None and not packing["uniform"]:
+        return None     # the packed layer builds its (T, N, P) grid from its real rows anyway
     if not save and layer == stack.num_layers - 1 and (stack._D == 2 or packing is not None):
         return None
     return scratch.take((x.shape[0], x.shape[1], stack._P), stack.dtype)
