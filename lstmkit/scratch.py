@@ -36,7 +36,10 @@ KEEP = 8
 SHAPES = 8      # (shape, dtype) keys kept, least recently used dropped first
 
 _free = OrderedDict()     # (shape, dtype) -> [arrays]
-_lock = threading.Lock()
+# Reentrant: give_when_gone's finalizers call give(), and a finalizer runs wherever its cache dies,
+# which can be a garbage collection set off by an allocation inside take() or give() of this same
+# thread while it holds the lock; a plain Lock would deadlock there.
+_lock = threading.RLock()
 
 
 def _key(shape, dtype):

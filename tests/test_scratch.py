@@ -5,6 +5,7 @@ Shape letters: T steps, B batch, I input size, H hidden size.
 """
 
 import gc
+import threading
 import weakref
 
 import numpy as np
@@ -267,3 +268,22 @@ def test_an_output_fed_back_as_the_next_input_is_not_reclaimed_under_it():
     with lstmkit_no_grad():
         got, _ = lstm(lstm(x)[0])
     np.testing.assert_array_equal(got, want)
+
+
+def test_a_cache_dying_while_the_pool_is_busy_in_the_same_thread_does_not_deadlock():
+    """A collection set off by an allocation inside take() or give() can run give_when_gone's
+    finalizer in the thread that holds the pool's lock (seen as a CI run hanging): it must go on."""
+    done = []
+
+    def body():
+        arr = np.empty((2, 3), np.float32)
+        with scratch._lock:                      # as inside take() or give()
+            c = scratch.Cache()
+            scratch.give_when_gone(c, arr)
+            del c                                # its finalizer runs here, lock held
+        done.append(scratch.take((2, 3), np.float32) is arr)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    t.join(10)
+    assert done == [True], "the finalizer's give() blocked on the pool's lock"
