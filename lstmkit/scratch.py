@@ -11,9 +11,11 @@ layer's gates (T, B, 4H), kept for the backward, and the backward's dgates of th
 How: `take(shape, dtype)` returns a kept array of that shape if one is free, else a new one;
 `give(a)` keeps `a` for the next take. Only arrays that nothing else can still read are given:
 dgates at the end of the backward that made it, the forward's gates when no backward will follow
-(no_grad), a cache's gates, cell states and (rnn_base.py) outputs when the cache itself is gone (its last reference dropped: the
-backward consumed it, or the caller let it go), through `give_when_gone`. A cache kept for a second
-backward (retain=True) keeps its gates. At most KEEP arrays per shape and SHAPES shapes are kept
+(no_grad), a cache's gates, cell states and (stack_arrays.py) outputs when the cache itself is
+gone (its last reference dropped: the backward consumed it, or the caller let it go), through
+`give_when_gone`; in a module's stack also the weight gradients once added into .grads and the dx
+passed down between layers once used. A cache kept for a second backward (retain=True) keeps its
+arrays. At most KEEP arrays per shape and SHAPES shapes are kept
 (the least recently used shape is dropped first), so varying sequence lengths cannot grow it.
 
 Arrays handed to the caller (a module's output and dx) are new; the module holds them and gives
