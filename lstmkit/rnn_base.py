@@ -190,7 +190,8 @@ class _RNNBase(_Module):
             (dx, dh0, dW_ih, dW_hh, db), dc0, dW_hr = backend.rnn_layer_backward(dout, dh, cache), None, None
         # b = b_ih + b_hh in these layers, so both biases receive its gradient
         self._accumulate(sfx, dW_ih, dW_hh, db, db, dW_hr)
-        if backend is _kernels and _kernels is not None:   # new arrays of the fused layers, now read by nothing
+        # the fused layers' new arrays (from scratch.py's pool), read by nothing once added
+        if backend is _kernels and _kernels is not None:
             scratch.give(dW_ih)
             scratch.give(dW_hh)
         return dx, dh0, dc0
@@ -296,7 +297,7 @@ class _RNNBase(_Module):
         self.__dict__["_last"] = None   # drop the previous context first: two sets of caches never coexist
         backend = _backend(self._xp)
         save = is_grad_enabled()
-        scratch.reclaim(stack_arrays.handed(self), "output")     # last call's output, if the caller let it go
+        scratch.reclaim(stack_arrays.handed(self), "output")     # the last output, if let go of
         y, h_n, c_n, saved = self._run_stack(x, h0, c0, backend, save, packing)
         if packing is None and self._xp is np:
             scratch.hold(stack_arrays.handed(self), "output", y)
@@ -333,7 +334,7 @@ class _RNNBase(_Module):
             dc_n = None if dc_n is None else dc_n[:, None, :]
         elif self.batch_first:
             dy = dy.swapaxes(0, 1)
-        scratch.reclaim(stack_arrays.handed(self), "dx")     # last backward's dx, if the caller let it go
+        scratch.reclaim(stack_arrays.handed(self), "dx")     # the last dx, if let go of
         dx, dh0, dc0 = self._backward_stack(dy, dh_n, dc_n, saved)
         if packing is None and self._xp is np:
             scratch.hold(stack_arrays.handed(self), "dx", dx)
