@@ -176,7 +176,8 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     batch_sizes (T,) or None: a packed batch (packed.py), run natively over its real rows only
     (_lstm_forward_packed); a batch whose sequences all run T steps is an ordinary one.
     out: a C-contiguous (T, B, P) array of the result's dtype to write the output into, as NumPy's
-    out= (rnn_base passes kept arrays, so that a step maps no fresh memory); it is what is returned.
+    out= (stack_arrays.py passes kept arrays, so that a step maps no fresh memory); it is what is
+    returned.
     """
     dt = np.result_type(x.dtype, W_ih.dtype)
     x = _c(x, dt)

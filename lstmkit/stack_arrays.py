@@ -8,7 +8,8 @@ memory each time is fresh pages, and page faults cost up to a quarter of a small
       input; the caches read them until they go), under no_grad all of them too (the top one of a
       plain unidirectional stack is handed to the caller as it is; a packed or bidirectional top is
       not pooled: from_grid and concatenate make the caller's array). A packed batch of unequal
-      lengths is not pooled at all: its layers build their output grid from the real rows.
+      lengths is not pooled at all: its layers build their output grid from the real rows; nor
+      is a batch of one, whose compiled layer makes its own arrays.
     * A pooled output goes back once nothing reads it (give_back_outputs).
     * What the caller receives (output, dx) is held by the module and reclaimed at its next call if
       the caller has let go of it (scratch.hold / scratch.reclaim).
@@ -28,6 +29,8 @@ def layer_output(stack, backend, x, layer, save, packing):
         return None
     if packing is not None and not packing["uniform"]:
         return None     # the packed layer builds its (T, N, P) grid from its real rows anyway
+    if x.shape[1] == 1:
+        return None     # so does the compiled batch-1 layer (and a sampler runs this every token)
     if not save and layer == stack.num_layers - 1 and (stack._D == 2 or packing is not None):
         return None
     return scratch.take((x.shape[0], x.shape[1], stack._P), stack.dtype)
