@@ -47,4 +47,5 @@ from .jit import AVAILABLE
 if AVAILABLE:
     from .blas import _find_openblas  # noqa: F401 - the benchmark reports which BLAS runs
     from .lstm_fused import lstm_layer_backward, lstm_layer_forward  # noqa: F401
+    from . import lstm_parts  # noqa: F401 - rnn_base asks it which layers read W_hh^T
     from .rnn_fused import rnn_layer_backward, rnn_layer_forward  # noqa: F401

@@ -28,7 +28,7 @@ time goes and what is done about it.
 
 import numpy as np
 
-from . import scratch
+from . import lstm_parts, scratch
 from .blas import ISOLATED_PRODUCT, _c, _mm, _single_blas_thread, _threads_per_step
 from .jit import _JIT, _add2, _dot, _vecmat, _vecmat_add, njit
 from .lstm_rows import _lstm_bwd_row, _lstm_bwd_step, _lstm_fwd_row, _lstm_fwd_step
@@ -136,7 +136,10 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     proj = W_hr is not None
     W_hr = _c(W_hr, dt) if proj else None
     one_step = B == 1 and T == 1     # the only path that reads W_hh's rows rather than W_hh^T
-    if W_hh_T is not None:
+    parts = batch_sizes is None and lstm_parts.usable(dt, B, proj)    # reads W_ih, W_hh packed
+    if parts:
+        W_hh_T = None
+    elif W_hh_T is not None:
         W_hh_T = _c(W_hh_T, dt)
     elif not one_step:
         W_hh_T = np.ascontiguousarray(W_hh.T)
@@ -145,6 +148,7 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
                          f"got {out.shape} {out.dtype}")
     if batch_sizes is not None:
         bs = check_batch_sizes(batch_sizes, T, B)
+        parts = bs[-1] == B and lstm_parts.usable(dt, B, proj)      # every sequence runs T steps
         if bs[-1] != B:
             result = _lstm_forward_packed(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, b is not None, bs, save)
             if out is not None:
@@ -161,7 +165,11 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
             out[...] = y
             m = m if proj else out
     else:
-        gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save, out)
+        if parts:
+            gates, c, out = lstm_parts.forward(x, h0, c0, W_ih, W_hh, bias, save, out)
+            m = out
+        else:
+            gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save, out)
         h_T, c_T = out[-1].copy(), c[-1].copy()
     if not save:
         if B > 1:
@@ -215,6 +223,8 @@ def lstm_layer_backward(dout, dh_T, dc_T, cache):
     projection)."""
     if "start" in cache:
         return _lstm_backward_packed(dout, dh_T, dc_T, cache)
+    if lstm_parts.usable(cache["x"].dtype, cache["x"].shape[1], cache["W_hr"] is not None):
+        return (*lstm_parts.backward(dout, dh_T, dc_T, cache), None)
     x, h0, c0 = cache["x"], cache["h0"], cache["c0"]
     W_ih, W_hh, W_hr = cache["W_ih"], cache["W_hh"], cache["W_hr"]
     gates, c, h = cache["gates"], cache["c"], cache["h"]

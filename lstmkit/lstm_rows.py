@@ -1,5 +1,5 @@
 """The LSTM's fused step kernels: one batch row of one step, forward and backward, in one compiled
-loop over the hidden units (lstm_fused.py's time loops run them; the equations are in
+loop over the hidden units (lstm_fused.py's and lstm_parts.py's time loops run them; the equations are in
 lstm_fused.py's docstring, the reference in functional.py).
 
 Shape letters: H hidden size, G = 4H gate rows (PyTorch's order i, f, g, o), B batch.

@@ -162,10 +162,13 @@ class _RNNBase(_Module):
             return out, h_T, None, cache
         b = self._summed_bias(sfx) if self.bias else None
         if self.mode == "LSTM":
-            # every CPU time loop reads W_hh^T from its own memory (lstm_fused._lstm_forward_loop
-            # says why); only one step of batch 1 without backward reads W_hh's rows instead
+            # lstm_fused.py's CPU time loops read W_hh^T from its own memory (_lstm_forward_loop
+            # says why); one step of batch 1 without backward reads W_hh's rows instead, and
+            # lstm_parts.py's loops (B >= 16 in float32) the weights packed for the kernel
             one_token = x.shape[0] == 1 and x.shape[1] == 1 and not save
-            W_hh_T = self._transposed_W_hh(sfx) if self._xp is np and not one_token else None
+            parts = backend is _kernels and _kernels is not None and bs is None and \
+                _kernels.lstm_parts.usable(np.result_type(x.dtype, W_ih.dtype), x.shape[1], self.proj_size > 0)
+            W_hh_T = self._transposed_W_hh(sfx) if self._xp is np and not one_token and not parts else None
             if bs is None and out is None:   # the hot path of generation: no extra keyword
                 return backend.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, p.get("weight_hr" + sfx),
                                                   save=save, W_hh_T=W_hh_T)

@@ -1,0 +1,252 @@
+"""OpenBLAS's own matrix-product micro-kernel, called on weights packed once per layer call, and the
+batch cut in parts that run side by side, one per core.
+
+Why. A recurrent layer multiplies the same weights by a small matrix at every step: per step
+h_{t-1} W_hh^T is (B, P) x (P, G) with B = 16-64. Every np.matmul call makes OpenBLAS re-pack the
+whole weight matrix into its kernel's panel layout before it multiplies (GotoBLAS's design: pack A,
+pack B, run the micro-kernel over the panels), so at these shapes a one-thread product ran at 63
+GFLOP/s where the micro-kernel itself runs at 96-107 on this Zen 4 core (BENCHMARKS.md, issue 10).
+Intel MKL sells exactly this reuse as cblas_sgemm_pack / cblas_sgemm_compute; OpenBLAS exports
+its pieces: the copy routine that packs A, the one that packs B, and the kernel
+    kernel(m, n, k, alpha, packed_A, packed_B, C, ldc):   C += alpha A B   (column-major C)
+So a layer packs its weights once per call (pack_a) and each step only packs the small B side.
+
+In column-major terms a row-major (B, G) result R = H W^T is the (G x B) matrix W H^T: the weights
+are the m side (A, packed once), the B rows of H the n side (packed each step), and C can be any
+(B, G) row-major block with ldc = its row stride, so a step writes straight into gates[t, r0:r1].
+
+The parts. With its products cheap, a layer's batch is cut into parts of rows (a row never meets
+another inside a recurrent layer) that run at the same time, each a whole time loop on one core
+(run_parts): nothing waits for anything until the layer ends. NumPy's OpenBLAS keeps its worker
+threads spinning for a while after any multi-threaded product, which would take the second core
+from a part, so run_parts first stops them (blas_thread_shutdown_, the call OpenBLAS itself makes
+before a fork; it starts them again at its next multi-threaded product), but only while no other
+Python thread runs that could be inside a product at that moment.
+
+Only for float32, NumPy linked to OpenBLAS with a known core (the symbols below), and after a
+self-check against np.matmul; otherwise AVAILABLE is False and the layers use blas.py's products.
+
+Shape letters: M, N, K the product's (column-major) sizes; B batch rows.
+"""
+
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import numpy as np
+from numba import types
+
+from . import blas
+from .jit import _JIT, njit
+
+# OpenBLAS core name (its get_corename) -> the suffix of that core's kernel symbols. Zen 1-3 run
+# the Haswell kernels in OpenBLAS's own dynamic dispatch; Zen 4 gets SkylakeX's.
+_CORE_SUFFIX = {"skylakex": "SKYLAKEX", "cooperlake": "SKYLAKEX", "sapphirerapids": "SKYLAKEX",
+                "haswell": "HASWELL", "zen": "HASWELL"}
+# A packed buffer holds whole panels: m rounded up to the kernel's unroll (16 here, never above 64).
+_PAD = 64
+# The routines, in GotoBLAS's names: the kernel; the B side packed from column-major (oncopy) or
+# row-major (otcopy) storage; the A side from column-major (itcopy) or row-major (incopy).
+_ROUTINES = ("kernel", "oncopy", "otcopy", "itcopy", "incopy")
+
+
+def packed_size(m, k):
+    """Floats a packed m x k operand needs (whole panels)."""
+    return (m + _PAD) * k
+
+
+def _bind():
+    """{routine: ctypes function} of NumPy's OpenBLAS for the running core, plus "lib"; or None."""
+    found = blas._find_openblas()
+    if found is None:
+        return None
+    lib, prefix, suffix = found
+    corename = getattr(lib, f"{prefix}_get_corename{suffix}", None)
+    if corename is None:
+        return None
+    corename.restype = ctypes.c_char_p
+    core = _CORE_SUFFIX.get(corename().decode(errors="replace").strip().lower())
+    names = {r: f"sgemm_{r}_{core}" for r in _ROUTINES}
+    if core is None or not all(hasattr(lib, n) for n in names.values()):
+        return None
+    L, F, V = ctypes.c_long, ctypes.c_float, ctypes.c_void_p     # BLASLONG is a C long on x86-64
+    bound = {r: getattr(lib, n) for r, n in names.items()}
+    bound["kernel"].argtypes = [L, L, L, F, V, V, V, L]      # (m, n, k, alpha, A, B, C, ldc)
+    for r in _ROUTINES[1:]:
+        bound[r].argtypes = [L, L, V, L, V]                   # (k, m or n, source, its ld, packed)
+    for r in _ROUTINES:
+        bound[r].restype = ctypes.c_int
+    bound["lib"] = lib
+    return bound
+
+
+def _product(f, M, N, K, pack_a, a, lda, pack_b, b, ldb):
+    """The (N, M) row-major result of C = A B through the bound routines, C starting at 0.5."""
+    pa = np.zeros(packed_size(M, K), np.float32)
+    pb = np.zeros(packed_size(N, K), np.float32)
+    C = np.full((N + 1, M), 0.5, np.float32)          # one row more, which must stay untouched
+    f[pack_a](K, M, a.ctypes.data, lda, pa.ctypes.data)
+    f[pack_b](K, N, b.ctypes.data, ldb, pb.ctypes.data)
+    f["kernel"](M, N, K, 1.0, pa.ctypes.data, pb.ctypes.data, C.ctypes.data, M)
+    return C
+
+
+def _self_check(f):
+    """The three products the layers make (X W^T, D W, D^T Y) agree with float64 NumPy at sizes
+    that are no multiples of any unroll: a wrong panel layout or signature shows here, not in a
+    layer."""
+    rng = np.random.default_rng(0)
+    for n, k, m in ((5, 37, 83), (16, 64, 256), (33, 130, 520)):
+        W = rng.standard_normal((m, k)).astype(np.float32)
+        X = rng.standard_normal((n, k)).astype(np.float32)
+        Dn = rng.standard_normal((n, m)).astype(np.float32)
+        D = rng.standard_normal((k, m + 3)).astype(np.float32)[:, :m]      # a row stride > m
+        Y = rng.standard_normal((k, n)).astype(np.float32)
+        W64 = W.astype(np.float64)
+        got_want = [(_product(f, m, n, k, "incopy", W, k, "oncopy", X, k), X.astype(np.float64) @ W64.T),
+                    (_product(f, k, n, m, "itcopy", W, k, "oncopy", Dn, m), Dn.astype(np.float64) @ W64),
+                    (_product(f, n, m, k, "itcopy", Y, n, "otcopy", D, D.strides[0] // 4),
+                     D.astype(np.float64).T @ Y.astype(np.float64))]
+        for got, want in got_want:
+            if not (np.allclose(got[:-1], want + 0.5, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+                    and np.all(got[-1] == 0.5)):
+                return False
+    return True
+
+
+def _setup():
+    try:
+        bound = _bind()
+        if bound is None or not _self_check(bound):
+            return None
+        import llvmlite.binding as llvm
+        for r in _ROUTINES:
+            # compiled loops call these names; Numba links them by name, so its cache stays valid
+            llvm.add_symbol(f"lstmkit_sgemm_{r}", ctypes.cast(bound[r], ctypes.c_void_p).value)
+        return bound
+    except Exception:  # noqa: BLE001 - a faster product is an optimisation, never a requirement
+        return None
+
+
+_BOUND = _setup()
+AVAILABLE = _BOUND is not None
+
+
+def pack_for_xwt(W, out):
+    """W (G, K) packed as the A side of R = X W^T (each step's x_t W_ih^T, h_{t-1} W_hh^T) into
+    out (float32, at least packed_size(G, K)). Returns out."""
+    G, K = W.shape
+    _BOUND["incopy"](K, G, W.ctypes.data, K, out.ctypes.data)
+    return out
+
+
+def pack_for_dw(W, out):
+    """W (G, K) packed as the A side of R = D W (each step's da_t W_hh, da_t W_ih) into out
+    (at least packed_size(K, G)). Returns out."""
+    G, K = W.shape
+    _BOUND["itcopy"](G, K, W.ctypes.data, K, out.ctypes.data)
+    return out
+
+
+# ---------------------------------------------------------------------- from compiled loops
+# The routines as compiled code calls them (by the names _setup gave them); pointers as integers.
+_i64, _f32 = types.int64, types.float32
+kernel = types.ExternalFunction("lstmkit_sgemm_kernel", types.int32(_i64, _i64, _i64, _f32, _i64, _i64,
+                                                                      _i64, _i64))
+pack_b_cols = types.ExternalFunction("lstmkit_sgemm_oncopy", types.int32(_i64, _i64, _i64, _i64, _i64))
+pack_b_rows = types.ExternalFunction("lstmkit_sgemm_otcopy", types.int32(_i64, _i64, _i64, _i64, _i64))
+pack_a_cols = types.ExternalFunction("lstmkit_sgemm_itcopy", types.int32(_i64, _i64, _i64, _i64, _i64))
+# The K block of add_dt_y: a packed (N x KC) block of Y stays in the core's L2 while the kernel
+# streams D's block past it (GotoBLAS's blocking, one level of it).
+KC = 256
+
+
+@njit(**_JIT)
+def add_dt_y(D, Y, C, a_buf, b_buf):
+    """C += D^T Y for D (K, M) with any row stride (a column slice of a wider array), Y (K, N) and
+    C (M, N) C-contiguous: a weight gradient over K rows. a_buf, b_buf: packed_size(N, KC) and
+    packed_size(M, KC) floats. In column-major terms C^T (N x M) += Y^T D."""
+    K, M = D.shape
+    N = Y.shape[1]
+    ldd = D.strides[0] // D.itemsize
+    for k0 in range(0, K, KC):
+        kc = min(KC, K - k0)
+        pack_a_cols(kc, N, Y[k0].ctypes.data, N, a_buf.ctypes.data)
+        pack_b_rows(kc, M, D[k0].ctypes.data, ldd, b_buf.ctypes.data)
+        kernel(N, M, kc, np.float32(1.0), a_buf.ctypes.data, b_buf.ctypes.data, C.ctypes.data, N)
+
+
+# ---------------------------------------------------------------------- the parts, one per core
+MIN_PART_ROWS = 8       # a part of fewer rows runs the kernel's n side below its best width
+_pool = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+_own_threads = 0
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def parts_for(B):
+    """How many parts a batch of B rows is cut into: one per core BLAS may use (its thread count
+    is the user's choice, OPENBLAS_NUM_THREADS=1 included), each at least MIN_PART_ROWS rows."""
+    threads = blas._BLAS_THREADS[0]() if blas._BLAS_THREADS is not None else 1
+    return max(1, min(_cores(), threads, B // MIN_PART_ROWS))
+
+
+def row_ranges(B, parts):
+    """The parts' row ranges [(r0, r1), ...], as even as B allows."""
+    edges = [B * p // parts for p in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _reset_after_fork():
+    global _pool, _pool_size, _own_threads
+    _pool, _pool_size, _own_threads = None, 0, 0     # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _quiet_blas_workers():
+    """Stop OpenBLAS's worker threads if they exist, while no other Python thread could be inside a
+    product. They spin for ~0.1 s after each multi-threaded product and would take a part's core
+    (measured: a layer forward after one (2048, 256) x (256, 1668) product took 23 ms instead of 12)."""
+    lib = _BOUND["lib"]
+    try:
+        avail = ctypes.c_int.in_dll(lib, "blas_server_avail")
+        shutdown = lib.blas_thread_shutdown_
+    except (AttributeError, ValueError):
+        return
+    if avail.value and threading.active_count() <= 1 + _own_threads:
+        shutdown()
+
+
+def run_parts(fn, args):
+    """fn(*args[0]) here and fn(*args[p]) for the other parts on worker threads, at once; returns
+    their results when all are done (an exception in any is raised here after all have finished).
+    fn must release the GIL for the parts to overlap (the compiled loops do), and must not call
+    NumPy's BLAS: changing OpenBLAS's thread count (blas._single_blas_thread) starts its worker
+    threads again, which then spin beside the parts for ~0.1 s."""
+    global _pool, _pool_size, _own_threads
+    if len(args) > 1:
+        with _pool_lock:
+            if _pool is None or _pool_size < len(args) - 1:
+                if _pool is not None:
+                    _pool.shutdown(wait=True)
+                _pool_size = len(args) - 1
+                _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="lstmkit-part")
+                _own_threads = _pool_size
+        _quiet_blas_workers()
+    futures = [_pool.submit(fn, *a) for a in args[1:]]
+    try:
+        first = fn(*args[0])
+    finally:
+        wait(futures)           # every part has finished, even when this one raised
+    return [first] + [f.result() for f in futures]

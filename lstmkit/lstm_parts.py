@@ -1,0 +1,153 @@
+"""The LSTM layer for B > 1 in float32 without projection, on OpenBLAS's micro-kernel with the
+weights packed once per call, the batch cut in parts that run side by side, one per core
+(gemm_kernel.py says why). The same equations as lstm_fused.py, whose fused row kernels it runs;
+tests/test_lstm_parts.py holds the two paths against each other and the reference.
+
+Shape letters
+    T   time steps      B   batch        I   input size
+    H   hidden size (= P: no projection here)                G   4H gate rows
+    r0:r1  a part's rows of the batch;   g0:g1  a part's gate rows of the weight gradients
+
+Forward, each step, for a part's rows (two kernel calls straight into gates[t, r0:r1]):
+    a_t = b + x_t W_ih^T + h_{t-1} W_hh^T,  then the fused gate kernel: i, f, g, o, c_t, h_t
+Backward, each step in reverse, for a part's rows (da_t packed once for both products):
+    da_t from the fused backward kernel with dm = dout_t + dh_t
+    dh_{t-1} = da_t W_hh        dx_t = da_t W_ih
+then the weight gradients, the parts split by gate rows: dW_ih = Σ_t da_t^T x_t,
+    dW_hh = Σ_t da_t^T h_{t-1},  db = Σ da.
+"""
+
+import numpy as np
+
+from . import gemm_kernel, scratch
+from .gemm_kernel import add_dt_y, kernel, pack_b_cols, packed_size
+from .jit import _JIT, _add2, njit
+from .lstm_rows import _lstm_bwd_row, _lstm_fwd_row
+
+# A batch below this runs lstm_fused.py's path: with fewer rows than two parts' worth, one core
+# would do the work that BLAS's two threads share there.
+MIN_BATCH = 2 * gemm_kernel.MIN_PART_ROWS
+ENABLED = True      # tests switch it off to compare with lstm_fused.py's path
+
+
+def usable(dtype, B, proj):
+    """Whether a layer call takes this path."""
+    return ENABLED and gemm_kernel.AVAILABLE and dtype == np.float32 and not proj and B >= MIN_BATCH
+
+
+@njit(**_JIT)
+def _forward_rows(x, h0, c0, bias, a_ih, a_hh, gates, c, out, save, r0, r1, b_pack, zeros):
+    """Rows r0:r1, all T steps. gates (T, B, G) or (1, B, G) without save; c (T, B, H) or (2, B, H)
+    without save, the steps taking turns so that the last one writes c[1] = c[-1]; out (T, B, H)."""
+    T, B, I = x.shape
+    P = out.shape[2]
+    G = bias.shape[0]
+    n = r1 - r0
+    one = np.float32(1.0)
+    for t in range(T):
+        a = gates[t] if save else gates[0]
+        ct = c[t] if save else c[(t + T) % 2]
+        hp = h0 if t == 0 else out[t - 1]
+        cp = c0 if t == 0 else (c[t - 1] if save else c[(t + T - 1) % 2])
+        for r in range(r0, r1):
+            a[r, :] = bias
+        pack_b_cols(I, n, x[t, r0].ctypes.data, I, b_pack.ctypes.data)
+        kernel(G, n, I, one, a_ih.ctypes.data, b_pack.ctypes.data, a[r0].ctypes.data, G)
+        pack_b_cols(P, n, hp[r0].ctypes.data, P, b_pack.ctypes.data)
+        kernel(G, n, P, one, a_hh.ctypes.data, b_pack.ctypes.data, a[r0].ctypes.data, G)
+        for r in range(r0, r1):
+            _lstm_fwd_row(a[r], zeros, zeros, cp[r], ct[r], out[t, r])
+
+
+@njit(**_JIT)
+def _backward_rows(dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc, r0, r1, b_pack):
+    """Rows r0:r1, all T steps in reverse. dh, dc (B, H) in: the gradients at h_T, c_T; out: at
+    h0, c0. dgates (T, B, G), dx (T, B, I) out."""
+    T, B, G = gates.shape
+    I = dx.shape[2]
+    P = dh.shape[1]
+    n = r1 - r0
+    one = np.float32(1.0)
+    for t in range(T - 1, -1, -1):
+        cp = c0 if t == 0 else c[t - 1]
+        for r in range(r0, r1):
+            _lstm_bwd_row(gates[t, r], c[t, r], cp[r], dout[t, r], dh[r], dc[r], dgates[t, r])
+            dh[r, :] = 0
+            dx[t, r, :] = 0
+        pack_b_cols(G, n, dgates[t, r0].ctypes.data, G, b_pack.ctypes.data)
+        kernel(P, n, G, one, a_hh.ctypes.data, b_pack.ctypes.data, dh[r0].ctypes.data, P)
+        kernel(I, n, G, one, a_ih.ctypes.data, b_pack.ctypes.data, dx[t, r0].ctypes.data, I)
+
+
+@njit(**_JIT)
+def _weight_rows(dgates, x, h0, h, dW_ih, dW_hh, db, g0, g1, a_buf, b_buf, h0_term):
+    """Gate rows g0:g1 of dW_ih = Σ da^T x, dW_hh = Σ da_t^T h_{t-1} (h0 at t = 0, skipped when
+    h0 is all zeros: it adds exactly nothing) and db = Σ da, each over all T*B rows."""
+    T, B, G = dgates.shape
+    I = x.shape[2]
+    P = h.shape[2]
+    dA = dgates.reshape(T * B, G)[:, g0:g1]
+    dW_ih[g0:g1] = 0
+    dW_hh[g0:g1] = 0
+    add_dt_y(dA, x.reshape(T * B, I), dW_ih[g0:g1], a_buf, b_buf)
+    add_dt_y(dA[B:], h[:T - 1].reshape((T - 1) * B, P), dW_hh[g0:g1], a_buf, b_buf)
+    if h0_term:
+        add_dt_y(dA[:B], h0, dW_hh[g0:g1], a_buf, b_buf)
+    if db.shape[0] > 0:
+        db[g0:g1] = 0
+        for n in range(T * B):
+            _add2(db[g0:g1], dA[n], db[g0:g1])
+
+
+def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None):
+    """lstm_fused._lstm_forward_loop's contract (no projection): gates, c, out."""
+    T, B, I = x.shape
+    G, P = W_hh.shape
+    dt = x.dtype
+    a_ih = gemm_kernel.pack_for_xwt(W_ih, scratch.take((packed_size(G, I),), dt))
+    a_hh = gemm_kernel.pack_for_xwt(W_hh, scratch.take((packed_size(G, P),), dt))
+    # kept arrays (scratch.py), as lstm_fused's loop takes them: the cache's gates and c
+    gates = scratch.take((T * B if save else B, G), dt).reshape(-1, B, G)
+    c = scratch.take((T, B, G // 4), dt) if save else np.empty((2, B, G // 4), dt)
+    if out is None:
+        out = np.empty((T, B, P), dt)
+    zeros = np.zeros(G, dt)
+    ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
+    gemm_kernel.run_parts(_forward_rows, [
+        (x, h0, c0, bias, a_ih, a_hh, gates, c, out, save, r0, r1,
+         np.empty(packed_size(r1 - r0, max(I, P)), dt), zeros) for r0, r1 in ranges])
+    scratch.give(a_ih)
+    scratch.give(a_hh)
+    return gates, c, out
+
+
+def backward(dout, dh_T, dc_T, cache):
+    """lstm_fused.lstm_layer_backward's contract for a cache of forward(): dx, dh0, dc0, dW_ih,
+    dW_hh, db (None without bias)."""
+    x, h0, c0, h = cache["x"], cache["h0"], cache["c0"], cache["h"]
+    W_ih, W_hh, gates, c = cache["W_ih"], cache["W_hh"], cache["gates"], cache["c"]
+    T, B, I = x.shape
+    G, P = W_hh.shape
+    dt = x.dtype
+    dout = np.ascontiguousarray(dout, dtype=dt)
+    a_hh = gemm_kernel.pack_for_dw(W_hh, scratch.take((packed_size(P, G),), dt))
+    a_ih = gemm_kernel.pack_for_dw(W_ih, scratch.take((packed_size(I, G),), dt))
+    dgates = scratch.take((T * B, G), dt).reshape(T, B, G)
+    dx = scratch.take((T, B, I), dt)     # given back by rnn_base once the layer below has used it
+    dh = np.zeros((B, P), dt) if dh_T is None else np.array(dh_T, dtype=dt, order="C")
+    dc = np.zeros((B, G // 4), dt) if dc_T is None else np.array(dc_T, dtype=dt, order="C")
+    ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
+    gemm_kernel.run_parts(_backward_rows, [
+        (dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc, r0, r1, np.empty(packed_size(r1 - r0, G), dt))
+        for r0, r1 in ranges])
+    scratch.give(a_hh)
+    scratch.give(a_ih)
+    dW_ih, dW_hh = scratch.take((G, I), dt), scratch.take((G, P), dt)
+    db = np.empty(G if cache["has_bias"] else 0, dt)
+    h0_term = bool(h0.any())
+    gemm_kernel.run_parts(_weight_rows, [
+        (dgates, x, h0, h, dW_ih, dW_hh, db, g0, g1, np.empty(packed_size(max(I, P), gemm_kernel.KC), dt),
+         np.empty(packed_size(g1 - g0, gemm_kernel.KC), dt), h0_term)
+        for g0, g1 in gemm_kernel.row_ranges(G, len(ranges))])
+    scratch.give(dgates.base)
+    return dx, dh, dc, dW_ih, dW_hh, (db if cache["has_bias"] else None)

@@ -1,0 +1,189 @@
+"""lstm_parts.py (float32, B >= 16: OpenBLAS's micro-kernel on packed weights, the batch in parts
+side by side) against lstm_fused.py's path, the reference (functional.py) and torch.nn.LSTM; and
+gemm_kernel.py's pieces: its self-check, the parts runner, the stopping of OpenBLAS's workers.
+
+Shape letters: T time steps, B batch, I input size, H hidden size, G = 4H.
+"""
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+
+from lstmkit import LSTM
+from lstmkit import functional as F
+
+K = pytest.importorskip("lstmkit.kernels")
+if not K.AVAILABLE:  # pragma: no cover - numba is a run-time dependency; this only guards odd installs
+    pytest.skip("numba not importable: the fast path is off", allow_module_level=True)
+from lstmkit import gemm_kernel, lstm_fused, lstm_parts  # noqa: E402
+
+if not gemm_kernel.AVAILABLE:  # pragma: no cover - NumPy without OpenBLAS, or a core not in the table
+    pytest.skip("OpenBLAS's kernel is not bound here: lstm_fused.py's path runs", allow_module_level=True)
+
+TOL = dict(rtol=1e-4, atol=2e-5)     # float32 against float64, as tests/test_kernels.py
+
+
+def _inputs(rng, T, B, I, H, bias, h0_zero):
+    r = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)   # noqa: E731
+    h0 = np.zeros((B, H), np.float32) if h0_zero else r(B, H)
+    return dict(x=r(T, B, I), h0=h0, c0=r(B, H), W_ih=r(4 * H, I), W_hh=r(4 * H, H),
+                b=r(4 * H) if bias else None)
+
+
+def _run(a, dout, dh_T, dc_T):
+    """Forward (with and without save) and backward of one layer through kernels.py."""
+    args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
+    out, h_T, c_T, cache = K.lstm_layer_forward(*args)
+    out = out.copy()
+    lean = K.lstm_layer_forward(*args, save=False)[:3]
+    grads = K.lstm_layer_backward(dout, dh_T, dc_T, cache)
+    return [out, h_T, c_T, *[v.copy() for v in lean]], [None if g is None else g.copy() for g in grads]
+
+
+@pytest.mark.parametrize("T, B, I, H", [(5, 16, 7, 9), (3, 33, 20, 16), (1, 17, 3, 5), (6, 40, 64, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("h0_zero", [True, False])
+@pytest.mark.parametrize("final_grads", [True, False])
+def test_parts_match_reference_and_lstm_fused(T, B, I, H, bias, h0_zero, final_grads, monkeypatch):
+    rng = np.random.default_rng(T * B + I + H + bias)
+    a = _inputs(rng, T, B, I, H, bias, h0_zero)
+    dout = rng.standard_normal((T, B, H)).astype(np.float32)
+    dh_T, dc_T = ((rng.standard_normal((B, H)).astype(np.float32), rng.standard_normal((B, H)).astype(np.float32))
+                  if final_grads else (None, None))
+    taken = []
+    rows = lstm_parts._forward_rows
+    monkeypatch.setattr(lstm_parts, "_forward_rows", lambda *v: (taken.append(v[-4:-2]), rows(*v))[1])
+    values, grads = _run(a, dout, dh_T, dc_T)
+    assert len(taken) == 2 * gemm_kernel.parts_for(B), taken    # the path ran, in parts
+    monkeypatch.setattr(lstm_parts, "ENABLED", False)
+    values_old, grads_old = _run(a, dout, dh_T, dc_T)
+    assert len(taken) == 2 * gemm_kernel.parts_for(B)            # ... and this time it did not
+
+    a64 = {k: None if v is None else v.astype(np.float64) for k, v in a.items()}
+    out, h_T, c_T, cache = F.lstm_layer_forward(a64["x"], a64["h0"], a64["c0"], a64["W_ih"], a64["W_hh"], a64["b"])
+    want_grads = F.lstm_layer_backward(dout.astype(np.float64), None if dh_T is None else dh_T.astype(np.float64),
+                                       None if dc_T is None else dc_T.astype(np.float64), cache)
+    for name, got, old, want in zip(["out", "h_T", "c_T", "out (no save)", "h_T (no save)", "c_T (no save)"],
+                                    values, values_old, [out, h_T, c_T] * 2):
+        np.testing.assert_allclose(got, want, err_msg=name, **TOL)
+        np.testing.assert_allclose(got, old, err_msg=name, **TOL)
+    for name, got, old, want in zip(["dx", "dh0", "dc0", "dW_ih", "dW_hh", "db", "dW_hr"], grads, grads_old,
+                                    want_grads):
+        assert (got is None) == (want is None) == (old is None), name
+        if want is not None:
+            assert got.dtype == np.float32, name
+            np.testing.assert_allclose(got, want, err_msg=name, **TOL)
+            np.testing.assert_allclose(got, old, err_msg=name, **TOL)
+
+
+def test_three_parts_and_uneven_rows(monkeypatch):
+    """More parts than this machine's cores, of unequal sizes: each row belongs to exactly one."""
+    monkeypatch.setattr(gemm_kernel, "parts_for", lambda B: 3)
+    assert gemm_kernel.row_ranges(50, 3) == [(0, 16), (16, 33), (33, 50)]
+    rng = np.random.default_rng(3)
+    a = _inputs(rng, 4, 50, 12, 10, True, False)
+    dout = rng.standard_normal((4, 50, 10)).astype(np.float32)
+    values, grads = _run(a, dout, None, None)
+    monkeypatch.setattr(lstm_parts, "ENABLED", False)
+    values_old, grads_old = _run(a, dout, None, None)
+    for got, old in zip(values + grads, values_old + grads_old):
+        if old is not None:
+            np.testing.assert_allclose(got, old, **TOL)
+
+
+def test_small_batches_float64_and_projection_keep_lstm_fused():
+    assert lstm_parts.usable(np.dtype(np.float32), 16, False)
+    assert not lstm_parts.usable(np.dtype(np.float32), 15, False)
+    assert not lstm_parts.usable(np.dtype(np.float64), 64, False)
+    assert not lstm_parts.usable(np.dtype(np.float32), 64, True)
+
+
+LAYERS = list(itertools.product([1, 2], [False, True], [False, True], [True, False], [True, False]))
+
+
+@pytest.mark.parametrize("layers, bidir, batch_first, bias, hx_given", LAYERS)
+def test_module_in_parts_matches_torch(layers, bidir, batch_first, bias, hx_given):
+    """The module's stack (both directions, layers feeding layers) through the parts, against torch."""
+    torch = pytest.importorskip("torch")
+    from oracle import assert_close, leaf, torch_twin, weighted_sum
+    L, N, I, H = 5, 20, 7, 8
+    kw = dict(input_size=I, hidden_size=H, num_layers=layers, bias=bias, batch_first=batch_first,
+              bidirectional=bidir)
+    ours = LSTM(**kw, dtype=np.float32, seed=1)
+    twin = torch_twin(ours, torch.nn.LSTM, **kw)
+    rng = np.random.default_rng(2)
+    D = 2 if bidir else 1
+    x = rng.standard_normal((N, L, I) if batch_first else (L, N, I)).astype(np.float32)
+    h0, c0 = (rng.standard_normal((layers * D, N, H)).astype(np.float32) for _ in range(2))
+    out, (h_n, c_n) = ours(x, (h0, c0)) if hx_given else ours(x)
+    tx, th0, tc0 = leaf(x), leaf(h0), leaf(c0)
+    t_out, (t_hn, t_cn) = twin(tx, (th0, tc0)) if hx_given else twin(tx)
+    for got, want, what in ((out, t_out, "output"), (h_n, t_hn, "h_n"), (c_n, t_cn, "c_n")):
+        assert_close(got, want, np.float32, what)
+    g_out, g_h, g_c = (rng.standard_normal(v.shape).astype(np.float32) for v in (out, h_n, c_n))
+    weighted_sum((t_out, t_hn, t_cn), (g_out, g_h, g_c)).backward()
+    dx, (dh0, dc0) = ours.backward(g_out, (g_h, g_c))
+    assert_close(dx, tx.grad, np.float32, "grad input")
+    if hx_given:
+        assert_close(dh0, th0.grad, np.float32, "grad h_0")
+        assert_close(dc0, tc0.grad, np.float32, "grad c_0")
+    for name, p in twin.named_parameters():
+        assert_close(ours.grads[name], p.grad, np.float32, f"grad {name}")
+
+
+def test_self_check_rejects_a_wrong_layout():
+    """Packing the transposed-storage operand with the other copy routine must fail the check."""
+    bound = gemm_kernel._bind()
+    assert gemm_kernel._self_check(bound)
+    swapped = dict(bound, oncopy=bound["otcopy"], otcopy=bound["oncopy"])
+    assert not gemm_kernel._self_check(swapped)
+    swapped = dict(bound, incopy=bound["itcopy"], itcopy=bound["incopy"])
+    assert not gemm_kernel._self_check(swapped)
+
+
+def test_run_parts_waits_for_every_part_then_raises():
+    done = []
+
+    def part(p):
+        if p == 0:
+            raise RuntimeError("part 0")
+        threading.Event().wait(0.05)
+        done.append(p)
+        return p
+
+    with pytest.raises(RuntimeError, match="part 0"):
+        gemm_kernel.run_parts(part, [(0,), (1,), (2,)])
+    assert sorted(done) == [1, 2]
+    assert gemm_kernel.run_parts(lambda p: p * p, [(1,), (2,), (3,)]) == [1, 4, 9]
+
+
+_WORKERS_SCRIPT = """
+import ctypes, sys
+import numpy as np
+from lstmkit import blas, gemm_kernel
+if blas._BLAS_THREADS is None or blas._BLAS_THREADS[0]() < 2:
+    sys.exit(3)
+avail = ctypes.c_int.in_dll(gemm_kernel._BOUND["lib"], "blas_server_avail")
+a = np.random.default_rng(0).standard_normal((400, 400)).astype(np.float32)
+a @ a
+assert avail.value == 1, "workers after a multi-threaded product"
+gemm_kernel._quiet_blas_workers()
+assert avail.value == 0, "workers stopped"
+np.testing.assert_allclose(a @ a, a.astype(np.float64) @ a, rtol=1e-4, atol=1e-3)
+assert avail.value == 1, "workers started again by the next product"
+"""
+
+
+def test_blas_workers_stopped_and_started_again(tmp_path):
+    """After a multi-threaded product OpenBLAS's workers exist; _quiet_blas_workers stops them, and
+    the next multi-threaded product starts them again and is still right. In its own process: in
+    this one other threads may run, and then the workers are left alone by design."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _WORKERS_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode == 3:
+        pytest.skip("OpenBLAS runs on one thread here")
+    assert done.returncode == 0, done.stderr
