@@ -9,7 +9,8 @@ GFLOP/s where the micro-kernel itself runs at 96-107 on this Zen 4 core (BENCHMA
 Intel MKL sells exactly this reuse as cblas_sgemm_pack / cblas_sgemm_compute; OpenBLAS exports
 its pieces: the copy routine that packs A, the one that packs B, and the kernel
     kernel(m, n, k, alpha, packed_A, packed_B, C, ldc):   C += alpha A B   (column-major C)
-So a layer packs its weights once per call (pack_a) and each step only packs the small B side.
+So a layer packs its weights once per call (pack_for_xwt, pack_for_dw) and each step only packs
+the small B side.
 
 In column-major terms a row-major (B, G) result R = H W^T is the (G x B) matrix W H^T: the weights
 are the m side (A, packed once), the B rows of H the n side (packed each step), and C can be any
@@ -17,11 +18,10 @@ are the m side (A, packed once), the B rows of H the n side (packed each step), 
 
 The parts. With its products cheap, a layer's batch is cut into parts of rows (a row never meets
 another inside a recurrent layer) that run at the same time, each a whole time loop on one core
-(run_parts): nothing waits for anything until the layer ends. NumPy's OpenBLAS keeps its worker
-threads spinning for a while after any multi-threaded product, which would take the second core
-from a part, so run_parts first stops them (blas_thread_shutdown_, the call OpenBLAS itself makes
-before a fork; it starts them again at its next multi-threaded product), but only while no other
-Python thread runs that could be inside a product at that moment.
+(run_parts): nothing waits for anything until the layer ends. The parts run on OpenBLAS's own
+worker threads (its gotoblas_pthread), the threads NumPy's multi-threaded products use: threads of
+our own competed with those workers, which spin ~0.1 s after every such product (a layer forward
+right after one took 23 ms instead of 16).
 
 Only for float32, NumPy linked to OpenBLAS with a known core (the symbols below), and after a
 self-check against np.matmul; otherwise AVAILABLE is False and the layers use blas.py's products.
@@ -31,11 +31,10 @@ Shape letters: M, N, K the product's (column-major) sizes; B batch rows.
 
 import ctypes
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 from numba import types
+from numba.extending import intrinsic
 
 from . import blas
 from .jit import _JIT, njit
@@ -179,10 +178,15 @@ def add_dt_y(D, Y, C, a_buf, b_buf):
 
 # ---------------------------------------------------------------------- the parts, one per core
 MIN_PART_ROWS = 8       # a part of fewer rows runs the kernel's n side below its best width
-_pool = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-_own_threads = 0
+
+
+@intrinsic
+def float32_at(typingctx, address):
+    """The float32 pointer at an integer address (compiled code only), for numba.carray: how a
+    part rebuilds its arrays from the addresses in its argument row."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    return types.CPointer(types.float32)(types.int64), codegen
 
 
 def _cores():
@@ -193,8 +197,11 @@ def _cores():
 
 
 def parts_for(B):
-    """How many parts a batch of B rows is cut into: one per core BLAS may use (its thread count
-    is the user's choice, OPENBLAS_NUM_THREADS=1 included), each at least MIN_PART_ROWS rows."""
+    """How many parts a batch of B rows is cut into: one per thread OpenBLAS may use (its count is
+    the user's choice, OPENBLAS_NUM_THREADS=1 included), at most one per core, each at least
+    MIN_PART_ROWS rows."""
+    if _RUN_ON_POOL is None:
+        return 1
     threads = blas._BLAS_THREADS[0]() if blas._BLAS_THREADS is not None else 1
     return max(1, min(_cores(), threads, B // MIN_PART_ROWS))
 
@@ -205,48 +212,33 @@ def row_ranges(B, parts):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _reset_after_fork():
-    global _pool, _pool_size, _own_threads
-    _pool, _pool_size, _own_threads = None, 0, 0     # a forked child has none of the parent's threads
+def _pool_runner():
+    """OpenBLAS's gotoblas_pthread(n, function, args, stride): function(args + p * stride) for
+    p < n, part 0 on the calling thread and the others on OpenBLAS's own worker threads, returning
+    when all are done (its pthread_create-like entry, exported by its pthreads builds)."""
+    fn = getattr(_BOUND["lib"], "gotoblas_pthread", None) if _BOUND is not None else None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+_RUN_ON_POOL = _pool_runner()
 
 
-def _quiet_blas_workers():
-    """Stop OpenBLAS's worker threads if they exist, while no other Python thread could be inside a
-    product. They spin for ~0.1 s after each multi-threaded product and would take a part's core
-    (measured: a layer forward after one (2048, 256) x (256, 1668) product took 23 ms instead of 12)."""
-    lib = _BOUND["lib"]
-    try:
-        avail = ctypes.c_int.in_dll(lib, "blas_server_avail")
-        shutdown = lib.blas_thread_shutdown_
-    except (AttributeError, ValueError):
-        return
-    if avail.value and threading.active_count() <= 1 + _own_threads:
-        shutdown()
-
-
-def run_parts(fn, args):
-    """fn(*args[0]) here and fn(*args[p]) for the other parts on worker threads, at once; returns
-    their results when all are done (an exception in any is raised here after all have finished).
-    fn must release the GIL for the parts to overlap (the compiled loops do), and must not call
-    NumPy's BLAS: changing OpenBLAS's thread count (blas._single_blas_thread) starts its worker
-    threads again, which then spin beside the parts for ~0.1 s."""
-    global _pool, _pool_size, _own_threads
-    if len(args) > 1:
-        with _pool_lock:
-            if _pool is None or _pool_size < len(args) - 1:
-                if _pool is not None:
-                    _pool.shutdown(wait=True)
-                _pool_size = len(args) - 1
-                _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="lstmkit-part")
-                _own_threads = _pool_size
-        _quiet_blas_workers()
-    futures = [_pool.submit(fn, *a) for a in args[1:]]
-    try:
-        first = fn(*args[0])
-    finally:
-        wait(futures)           # every part has finished, even when this one raised
-    return [first] + [f.result() for f in futures]
+def run_parts(part, rows):
+    """part(row p of rows) for every part at once: `part` a Numba cfunc taking a pointer to one
+    int64 row (its arrays' addresses and its sizes), rows an int64 array (parts, fields) kept alive
+    by the caller. The parts run on OpenBLAS's own threads: its workers are the ones NumPy's
+    multi-threaded products use, so nothing else competes for the cores (threads of our own lost up
+    to 2x to those workers, which spin ~0.1 s after every such product), and a worker still
+    spinning takes its part at once. Parts must not call NumPy's BLAS (they run inside it)."""
+    threads = blas._BLAS_THREADS[0]() if blas._BLAS_THREADS is not None and _RUN_ON_POOL is not None else 1
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    # never more parts at once than OpenBLAS has threads: more waited for a free worker forever
+    for first in range(0, rows.shape[0], threads):
+        n = min(threads, rows.shape[0] - first)
+        if n == 1:
+            part.ctypes(ctypes.cast(rows[first].ctypes.data, part.ctypes.argtypes[0]))
+        else:
+            _RUN_ON_POOL(n, part.address, rows[first].ctypes.data, rows.strides[0])

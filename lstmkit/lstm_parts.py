@@ -18,9 +18,11 @@ then the weight gradients, the parts split by gate rows: dW_ih = Σ_t da_t^T x_t
 """
 
 import numpy as np
+from numba import carray, cfunc, types
 
 from . import gemm_kernel, scratch
 from .gemm_kernel import add_dt_y, kernel, pack_b_cols, packed_size
+from .gemm_kernel import float32_at as at
 from .jit import _JIT, _add2, njit
 from .lstm_rows import _lstm_bwd_row, _lstm_fwd_row
 
@@ -99,6 +101,57 @@ def _weight_rows(dgates, x, h0, h, dW_ih, dW_hh, db, g0, g1, a_buf, b_buf, h0_te
             _add2(db[g0:g1], dA[n], db[g0:g1])
 
 
+# ---------------------------------------------------------------------- the parts as C callables
+# run_parts hands each part one int64 row: its arrays' addresses, then its sizes and rows. These
+# cfuncs rebuild the arrays (numba.carray) and run the loops above on them; the Python functions
+# below keep every array alive until run_parts returns.
+_PART = types.void(types.CPointer(types.int64))
+
+
+@cfunc(_PART, cache=True)
+def _forward_part(arg):
+    """x, h0, c0, bias, a_ih, a_hh, gates, c, out, b_pack, zeros; T, B, I, H, save, r0, r1."""
+    a = carray(arg, 18)
+    T, B, I, H, save, r0, r1 = a[11], a[12], a[13], a[14], a[15], a[16], a[17]
+    G = 4 * H
+    _forward_rows(carray(at(a[0]), (T, B, I)), carray(at(a[1]), (B, H)), carray(at(a[2]), (B, H)),
+                  carray(at(a[3]), (G,)), carray(at(a[4]), (1,)), carray(at(a[5]), (1,)),
+                  carray(at(a[6]), (T if save else 1, B, G)), carray(at(a[7]), (T if save else 2, B, H)),
+                  carray(at(a[8]), (T, B, H)), save != 0, r0, r1, carray(at(a[9]), (1,)), carray(at(a[10]), (G,)))
+
+
+@cfunc(_PART, cache=True)
+def _backward_part(arg):
+    """dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc, b_pack; T, B, I, H, r0, r1."""
+    a = carray(arg, 17)
+    T, B, I, H, r0, r1 = a[11], a[12], a[13], a[14], a[15], a[16]
+    G = 4 * H
+    _backward_rows(carray(at(a[0]), (T, B, H)), carray(at(a[1]), (T, B, G)), carray(at(a[2]), (T, B, H)),
+                   carray(at(a[3]), (B, H)), carray(at(a[4]), (1,)), carray(at(a[5]), (1,)),
+                   carray(at(a[6]), (T, B, G)), carray(at(a[7]), (T, B, I)), carray(at(a[8]), (B, H)),
+                   carray(at(a[9]), (B, H)), r0, r1, carray(at(a[10]), (1,)))
+
+
+@cfunc(_PART, cache=True)
+def _weight_part(arg):
+    """dgates, x, h0, h, dW_ih, dW_hh, db, a_buf, b_buf; T, B, I, H, g0, g1, h0_term, db size."""
+    a = carray(arg, 17)
+    T, B, I, H, g0, g1, h0_term, n_db = a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16]
+    G = 4 * H
+    _weight_rows(carray(at(a[0]), (T, B, G)), carray(at(a[1]), (T, B, I)), carray(at(a[2]), (B, H)),
+                 carray(at(a[3]), (T, B, H)), carray(at(a[4]), (G, I)), carray(at(a[5]), (G, H)),
+                 carray(at(a[6]), (n_db,)), g0, g1, carray(at(a[7]), (1,)), carray(at(a[8]), (1,)), h0_term != 0)
+
+
+def _rows(shared, private, sizes, ranges):
+    """The parts' argument rows: the shared arrays' addresses, the part's own arrays' addresses,
+    the sizes, the part's range."""
+    common = [a.ctypes.data for a in shared]
+    return np.array([common + [a.ctypes.data for a in own] + list(sizes) + [lo, hi]
+                     for own, (lo, hi) in zip(private, ranges)], np.int64)
+
+
+# ---------------------------------------------------------------------- the layer
 def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None):
     """lstm_fused._lstm_forward_loop's contract (no projection): gates, c, out."""
     T, B, I = x.shape
@@ -111,11 +164,13 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None):
     c = scratch.take((T, B, G // 4), dt) if save else np.empty((2, B, G // 4), dt)
     if out is None:
         out = np.empty((T, B, P), dt)
-    zeros = np.zeros(G, dt)
+    h0, c0, bias = (np.ascontiguousarray(v, dtype=dt) for v in (h0, c0, bias))
     ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
-    gemm_kernel.run_parts(_forward_rows, [
-        (x, h0, c0, bias, a_ih, a_hh, gates, c, out, save, r0, r1,
-         np.empty(packed_size(r1 - r0, max(I, P)), dt), zeros) for r0, r1 in ranges])
+    packs = [np.empty(packed_size(hi - lo, max(I, P)), dt) for lo, hi in ranges]
+    zeros = np.zeros(G, dt)
+    rows = _rows((x, h0, c0, bias, a_ih, a_hh, gates, c, out), [(p, zeros) for p in packs],
+                 (T, B, I, P, int(save)), ranges)
+    gemm_kernel.run_parts(_forward_part, rows)
     scratch.give(a_ih)
     scratch.give(a_hh)
     return gates, c, out
@@ -137,17 +192,18 @@ def backward(dout, dh_T, dc_T, cache):
     dh = np.zeros((B, P), dt) if dh_T is None else np.array(dh_T, dtype=dt, order="C")
     dc = np.zeros((B, G // 4), dt) if dc_T is None else np.array(dc_T, dtype=dt, order="C")
     ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
-    gemm_kernel.run_parts(_backward_rows, [
-        (dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc, r0, r1, np.empty(packed_size(r1 - r0, G), dt))
-        for r0, r1 in ranges])
+    packs = [(np.empty(packed_size(hi - lo, G), dt),) for lo, hi in ranges]
+    rows = _rows((dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc), packs, (T, B, I, P), ranges)
+    gemm_kernel.run_parts(_backward_part, rows)
     scratch.give(a_hh)
     scratch.give(a_ih)
     dW_ih, dW_hh = scratch.take((G, I), dt), scratch.take((G, P), dt)
     db = np.empty(G if cache["has_bias"] else 0, dt)
-    h0_term = bool(h0.any())
-    gemm_kernel.run_parts(_weight_rows, [
-        (dgates, x, h0, h, dW_ih, dW_hh, db, g0, g1, np.empty(packed_size(max(I, P), gemm_kernel.KC), dt),
-         np.empty(packed_size(g1 - g0, gemm_kernel.KC), dt), h0_term)
-        for g0, g1 in gemm_kernel.row_ranges(G, len(ranges))])
+    g_ranges = gemm_kernel.row_ranges(G, len(ranges))
+    bufs = [(np.empty(packed_size(max(I, P), gemm_kernel.KC), dt), np.empty(packed_size(hi - lo, gemm_kernel.KC), dt))
+            for lo, hi in g_ranges]
+    rows = _rows((dgates, x, h0, h, dW_ih, dW_hh, db), bufs, (T, B, I, P), g_ranges)
+    rows = np.concatenate([rows, np.array([[int(h0.any()), db.size]] * len(g_ranges), np.int64)], axis=1)
+    gemm_kernel.run_parts(_weight_part, rows)
     scratch.give(dgates.base)
     return dx, dh, dc, dW_ih, dW_hh, (db if cache["has_bias"] else None)

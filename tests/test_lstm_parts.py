@@ -1,12 +1,11 @@
 """lstm_parts.py (float32, B >= 16: OpenBLAS's micro-kernel on packed weights, the batch in parts
 side by side) against lstm_fused.py's path, the reference (functional.py) and torch.nn.LSTM; and
-gemm_kernel.py's pieces: its self-check, the parts runner, the stopping of OpenBLAS's workers.
+gemm_kernel.py's pieces: its self-check and the parts runner.
 
 Shape letters: T time steps, B batch, I input size, H hidden size, G = 4H.
 """
 
 import itertools
-import threading
 
 import numpy as np
 import pytest
@@ -53,13 +52,15 @@ def test_parts_match_reference_and_lstm_fused(T, B, I, H, bias, h0_zero, final_g
     dh_T, dc_T = ((rng.standard_normal((B, H)).astype(np.float32), rng.standard_normal((B, H)).astype(np.float32))
                   if final_grads else (None, None))
     taken = []
-    rows = lstm_parts._forward_rows
-    monkeypatch.setattr(lstm_parts, "_forward_rows", lambda *v: (taken.append(v[-4:-2]), rows(*v))[1])
+    run = gemm_kernel.run_parts
+    monkeypatch.setattr(gemm_kernel, "run_parts", lambda part, rows: (taken.append((part, len(rows))), run(part, rows)))
     values, grads = _run(a, dout, dh_T, dc_T)
-    assert len(taken) == 2 * gemm_kernel.parts_for(B), taken    # the path ran, in parts
+    n = gemm_kernel.parts_for(B)
+    assert taken == [(lstm_parts._forward_part, n)] * 2 + [(lstm_parts._backward_part, n),
+                                                           (lstm_parts._weight_part, n)], taken
     monkeypatch.setattr(lstm_parts, "ENABLED", False)
     values_old, grads_old = _run(a, dout, dh_T, dc_T)
-    assert len(taken) == 2 * gemm_kernel.parts_for(B)            # ... and this time it did not
+    assert len(taken) == 4                                       # ... and this time it did not
 
     a64 = {k: None if v is None else v.astype(np.float64) for k, v in a.items()}
     out, h_T, c_T, cache = F.lstm_layer_forward(a64["x"], a64["h0"], a64["c0"], a64["W_ih"], a64["W_hh"], a64["b"])
@@ -143,47 +144,19 @@ def test_self_check_rejects_a_wrong_layout():
     assert not gemm_kernel._self_check(swapped)
 
 
-def test_run_parts_waits_for_every_part_then_raises():
-    done = []
+def test_run_parts_runs_every_row_once_on_openblas_threads():
+    """Each part gets its own row, once, and parts run on different threads when there are two."""
+    from numba import carray, cfunc, types
 
-    def part(p):
-        if p == 0:
-            raise RuntimeError("part 0")
-        threading.Event().wait(0.05)
-        done.append(p)
-        return p
+    @cfunc(types.void(types.CPointer(types.int64)))
+    def part(arg):
+        a = carray(arg, 3)
+        out = carray(gemm_kernel.float32_at(a[0]), (a[2],))
+        out[a[1]] += np.float32(a[1] + 1)
 
-    with pytest.raises(RuntimeError, match="part 0"):
-        gemm_kernel.run_parts(part, [(0,), (1,), (2,)])
-    assert sorted(done) == [1, 2]
-    assert gemm_kernel.run_parts(lambda p: p * p, [(1,), (2,), (3,)]) == [1, 4, 9]
-
-
-_WORKERS_SCRIPT = """
-import ctypes, sys
-import numpy as np
-from lstmkit import blas, gemm_kernel
-if blas._BLAS_THREADS is None or blas._BLAS_THREADS[0]() < 2:
-    sys.exit(3)
-avail = ctypes.c_int.in_dll(gemm_kernel._BOUND["lib"], "blas_server_avail")
-a = np.random.default_rng(0).standard_normal((400, 400)).astype(np.float32)
-a @ a
-assert avail.value == 1, "workers after a multi-threaded product"
-gemm_kernel._quiet_blas_workers()
-assert avail.value == 0, "workers stopped"
-np.testing.assert_allclose(a @ a, a.astype(np.float64) @ a, rtol=1e-4, atol=1e-3)
-assert avail.value == 1, "workers started again by the next product"
-"""
-
-
-def test_blas_workers_stopped_and_started_again(tmp_path):
-    """After a multi-threaded product OpenBLAS's workers exist; _quiet_blas_workers stops them, and
-    the next multi-threaded product starts them again and is still right. In its own process: in
-    this one other threads may run, and then the workers are left alone by design."""
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, "-c", _WORKERS_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
-    if done.returncode == 3:
-        pytest.skip("OpenBLAS runs on one thread here")
-    assert done.returncode == 0, done.stderr
+    out = np.zeros(5, np.float32)
+    rows = np.array([[out.ctypes.data, p, out.size] for p in range(5)], np.int64)
+    gemm_kernel.run_parts(part, rows)
+    np.testing.assert_array_equal(out, [1, 2, 3, 4, 5])
+    gemm_kernel.run_parts(part, rows[:1])
+    np.testing.assert_array_equal(out, [2, 2, 3, 4, 5])
