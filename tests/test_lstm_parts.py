@@ -160,3 +160,28 @@ def test_run_parts_runs_every_row_once_on_openblas_threads():
     np.testing.assert_array_equal(out, [1, 2, 3, 4, 5])
     gemm_kernel.run_parts(part, rows[:1])
     np.testing.assert_array_equal(out, [2, 2, 3, 4, 5])
+
+
+def test_layers_called_from_two_threads_at_once():
+    """Two Python threads in the parts at the same time share OpenBLAS's workers: both finish, with
+    the same results as one at a time."""
+    import threading
+    rng = np.random.default_rng(5)
+    inputs = [_inputs(rng, 6, 24, 10, 12, True, False) for _ in range(2)]
+    want = [K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], save=False)[0].copy()
+            for a in inputs]
+    got = [None, None]
+
+    def run(k):
+        for _ in range(20):
+            a = inputs[k]
+            got[k] = K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], save=False)[0].copy()
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a layer call hung with another one running"
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
