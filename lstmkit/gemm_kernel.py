@@ -31,6 +31,7 @@ Shape letters: M, N, K the product's (column-major) sizes; B batch rows.
 
 import ctypes
 import os
+import platform
 
 import numpy as np
 from numba import types
@@ -62,9 +63,14 @@ def _bind():
         return None
     lib, prefix, suffix = found
     corename = getattr(lib, f"{prefix}_get_corename{suffix}", None)
-    if corename is None:
+    config = getattr(lib, f"{prefix}_get_config{suffix}", None)
+    if corename is None or config is None or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    corename.restype = ctypes.c_char_p
+    corename.restype = config.restype = ctypes.c_char_p
+    # the routines' signatures are internal to OpenBLAS: bound only for the 0.3 series, where they
+    # have not changed (a later series falls back to NumPy's products until checked here)
+    if not config().decode(errors="replace").startswith("OpenBLAS 0.3."):
+        return None
     core = _CORE_SUFFIX.get(corename().decode(errors="replace").strip().lower())
     names = {r: f"sgemm_{r}_{core}" for r in _ROUTINES}
     if core is None or not all(hasattr(lib, n) for n in names.values()):

@@ -185,3 +185,25 @@ def test_layers_called_from_two_threads_at_once():
     assert not any(t.is_alive() for t in threads), "a layer call hung with another one running"
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def test_binding_needs_a_known_series_and_core(monkeypatch):
+    """The routines are OpenBLAS internals: another series or an unknown core binds nothing."""
+    from lstmkit import blas
+
+    def fake(config, core):
+        class Lib:
+            pass
+        lib = Lib()
+        lib.scipy_openblas_get_config64_ = lambda: config
+        lib.scipy_openblas_get_corename64_ = lambda: core
+        real = gemm_kernel._BOUND["lib"]
+        for r in gemm_kernel._ROUTINES:
+            for c in ("SKYLAKEX", "HASWELL"):
+                setattr(lib, f"sgemm_{r}_{c}", getattr(real, f"sgemm_{r}_{c}", None))
+        monkeypatch.setattr(blas, "_find_openblas", lambda: (lib, "scipy_openblas", "64_"))
+        return gemm_kernel._bind()
+
+    assert fake(b"OpenBLAS 0.3.31 DYNAMIC_ARCH", b"SkylakeX") is not None
+    assert fake(b"OpenBLAS 0.4.0 DYNAMIC_ARCH", b"SkylakeX") is None
+    assert fake(b"OpenBLAS 0.3.31 DYNAMIC_ARCH", b"Neoverse") is None
