@@ -207,3 +207,18 @@ def test_binding_needs_a_known_series_and_core(monkeypatch):
     assert fake(b"OpenBLAS 0.3.31 DYNAMIC_ARCH", b"SkylakeX") is not None
     assert fake(b"OpenBLAS 0.4.0 DYNAMIC_ARCH", b"SkylakeX") is None
     assert fake(b"OpenBLAS 0.3.31 DYNAMIC_ARCH", b"Neoverse") is None
+
+
+def test_packed_batch_of_equal_lengths_takes_the_parts():
+    """batch_sizes all B is an ordinary batch: the same numbers through the parts, and the backward
+    of its cache too."""
+    rng = np.random.default_rng(6)
+    a = _inputs(rng, 5, 20, 6, 8, True, False)
+    args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
+    dout = rng.standard_normal((5, 20, 8)).astype(np.float32)
+    plain = K.lstm_layer_forward(*args)
+    want = [plain[0].copy(), *[g.copy() for g in K.lstm_layer_backward(dout, None, None, plain[3])[:6]]]
+    packed = K.lstm_layer_forward(*args, batch_sizes=np.full(5, 20))
+    got = [packed[0], *K.lstm_layer_backward(dout, None, None, packed[3])[:6]]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
