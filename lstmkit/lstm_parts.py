@@ -103,12 +103,22 @@ def _weight_rows(dgates, x, h0, h, dW_ih, dW_hh, db, g0, g1, a_buf, b_buf, h0_te
 
 # ---------------------------------------------------------------------- the parts as C callables
 # run_parts hands each part one int64 row: its arrays' addresses, then its sizes and rows. These
-# cfuncs rebuild the arrays (numba.carray) and run the loops above on them; the Python functions
-# below keep every array alive until run_parts returns.
+# functions, compiled as cfuncs (_part), rebuild the arrays (numba.carray) and run the loops above
+# on them; forward() and backward() below keep every array alive until run_parts returns.
 _PART = types.void(types.CPointer(types.int64))
+_compiled = {}
 
 
-@cfunc(_PART, cache=True)
+def _part(fn):
+    """fn as a C callable, compiled at its first use: a cfunc compiles when it is made, which at
+    import took the first import from 0.25 s to 7.5 s with an empty Numba cache, also for programs
+    that never run a part (two threads compiling at once both get a working one)."""
+    c = _compiled.get(fn)
+    if c is None:
+        c = _compiled[fn] = cfunc(_PART, cache=True)(fn)
+    return c
+
+
 def _forward_part(arg):
     """x, h0, c0, bias, a_ih, a_hh, gates, c, out, b_pack, zeros; T, B, I, H, save, r0, r1."""
     a = carray(arg, 18)
@@ -120,7 +130,6 @@ def _forward_part(arg):
                   carray(at(a[8]), (T, B, H)), save != 0, r0, r1, carray(at(a[9]), (1,)), carray(at(a[10]), (G,)))
 
 
-@cfunc(_PART, cache=True)
 def _backward_part(arg):
     """dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc, b_pack; T, B, I, H, r0, r1."""
     a = carray(arg, 17)
@@ -132,7 +141,6 @@ def _backward_part(arg):
                    carray(at(a[9]), (B, H)), r0, r1, carray(at(a[10]), (1,)))
 
 
-@cfunc(_PART, cache=True)
 def _weight_part(arg):
     """dgates, x, h0, h, dW_ih, dW_hh, db, a_buf, b_buf; T, B, I, H, g0, g1, h0_term, db size."""
     a = carray(arg, 17)
@@ -170,7 +178,7 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None):
     zeros = np.zeros(G, dt)
     rows = _rows((x, h0, c0, bias, a_ih, a_hh, gates, c, out), [(p, zeros) for p in packs],
                  (T, B, I, P, int(save)), ranges)
-    gemm_kernel.run_parts(_forward_part, rows)
+    gemm_kernel.run_parts(_part(_forward_part), rows)
     scratch.give(a_ih)
     scratch.give(a_hh)
     return gates, c, out
@@ -194,7 +202,7 @@ def backward(dout, dh_T, dc_T, cache):
     ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
     packs = [(np.empty(packed_size(hi - lo, G), dt),) for lo, hi in ranges]
     rows = _rows((dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc), packs, (T, B, I, P), ranges)
-    gemm_kernel.run_parts(_backward_part, rows)
+    gemm_kernel.run_parts(_part(_backward_part), rows)
     scratch.give(a_hh)
     scratch.give(a_ih)
     dW_ih, dW_hh = scratch.take((G, I), dt), scratch.take((G, P), dt)
@@ -204,6 +212,6 @@ def backward(dout, dh_T, dc_T, cache):
             for lo, hi in g_ranges]
     rows = _rows((dgates, x, h0, h, dW_ih, dW_hh, db), bufs, (T, B, I, P), g_ranges)
     rows = np.concatenate([rows, np.array([[int(h0.any()), db.size]] * len(g_ranges), np.int64)], axis=1)
-    gemm_kernel.run_parts(_weight_part, rows)
+    gemm_kernel.run_parts(_part(_weight_part), rows)
     scratch.give(dgates.base)
     return dx, dh, dc, dW_ih, dW_hh, (db if cache["has_bias"] else None)

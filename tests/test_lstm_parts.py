@@ -56,8 +56,9 @@ def test_parts_match_reference_and_lstm_fused(T, B, I, H, bias, h0_zero, final_g
     monkeypatch.setattr(gemm_kernel, "run_parts", lambda part, rows: (taken.append((part, len(rows))), run(part, rows)))
     values, grads = _run(a, dout, dh_T, dc_T)
     n = gemm_kernel.parts_for(B)
-    assert taken == [(lstm_parts._forward_part, n)] * 2 + [(lstm_parts._backward_part, n),
-                                                           (lstm_parts._weight_part, n)], taken
+    part = lstm_parts._part
+    assert taken == [(part(lstm_parts._forward_part), n)] * 2 + [(part(lstm_parts._backward_part), n),
+                                                                 (part(lstm_parts._weight_part), n)], taken
     monkeypatch.setattr(lstm_parts, "ENABLED", False)
     values_old, grads_old = _run(a, dout, dh_T, dc_T)
     assert len(taken) == 4                                       # ... and this time it did not
