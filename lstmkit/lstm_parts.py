@@ -110,9 +110,9 @@ _compiled = {}
 
 
 def _part(fn):
-    """fn as a C callable, compiled at its first use: a cfunc compiles when it is made, which at
-    import took the first import from 0.25 s to 7.5 s with an empty Numba cache, also for programs
-    that never run a part (two threads compiling at once both get a working one)."""
+    """fn as a C callable, compiled at its first use and cached by Numba. A cfunc compiles when it
+    is made: made at import, these took a first import with an empty Numba cache from 0.25 s to
+    7.5 s, also for programs that never run a part. Two threads compiling at once both get one."""
     c = _compiled.get(fn)
     if c is None:
         c = _compiled[fn] = cfunc(_PART, cache=True)(fn)
