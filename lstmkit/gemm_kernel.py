@@ -23,8 +23,9 @@ worker threads (its gotoblas_pthread), the threads NumPy's multi-threaded produc
 our own competed with those workers, which spin ~0.1 s after every such product (a layer forward
 right after one took 23 ms instead of 16).
 
-Only for float32, NumPy linked to OpenBLAS with a known core (the symbols below), and after a
-self-check against np.matmul; otherwise AVAILABLE is False and the layers use blas.py's products.
+Only for float32, NumPy linked to OpenBLAS 0.3.x with a known core (the symbols below), and after
+a self-check against float64 NumPy; otherwise AVAILABLE is False and the layers use blas.py's
+products.
 
 Shape letters: M, N, K the product's (column-major) sizes; B batch rows.
 """
@@ -202,14 +203,18 @@ def _cores():
         return os.cpu_count() or 1
 
 
+def _blas_threads():
+    """The threads NumPy's OpenBLAS may use now (the user's OPENBLAS_NUM_THREADS, or its default)."""
+    return blas._BLAS_THREADS[0]() if blas._BLAS_THREADS is not None else 1
+
+
 def parts_for(B):
     """How many parts a batch of B rows is cut into: one per thread OpenBLAS may use (its count is
     the user's choice, OPENBLAS_NUM_THREADS=1 included), at most one per core, each at least
     MIN_PART_ROWS rows."""
     if _RUN_ON_POOL is None:
         return 1
-    threads = blas._BLAS_THREADS[0]() if blas._BLAS_THREADS is not None else 1
-    return max(1, min(_cores(), threads, B // MIN_PART_ROWS))
+    return max(1, min(_cores(), _blas_threads(), B // MIN_PART_ROWS))
 
 
 def row_ranges(B, parts):
@@ -239,7 +244,7 @@ def run_parts(part, rows):
     multi-threaded products use, so nothing else competes for the cores (threads of our own lost up
     to 2x to those workers, which spin ~0.1 s after every such product), and a worker still
     spinning takes its part at once. Parts must not call NumPy's BLAS (they run inside it)."""
-    threads = blas._BLAS_THREADS[0]() if blas._BLAS_THREADS is not None and _RUN_ON_POOL is not None else 1
+    threads = _blas_threads() if _RUN_ON_POOL is not None else 1
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     # never more parts at once than OpenBLAS has threads: more waited for a free worker forever
     for first in range(0, rows.shape[0], threads):

@@ -138,25 +138,24 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     proj = W_hr is not None
     W_hr = _c(W_hr, dt) if proj else None
     one_step = B == 1 and T == 1     # the only path that reads W_hh's rows rather than W_hh^T
-    parts = batch_sizes is None and lstm_parts.usable(dt, B, proj)    # reads W_ih, W_hh packed
+    if out is not None and (out.shape != (T, B, P) or out.dtype != dt or not out.flags.c_contiguous):
+        raise ValueError(f"lstm_layer_forward: out must be a C-contiguous {(T, B, P)} array of {dt}, "
+                         f"got {out.shape} {out.dtype}")
+    bs = None if batch_sizes is None else check_batch_sizes(batch_sizes, T, B)
+    # a packed batch whose sequences all run T steps is an ordinary one
+    parts = (bs is None or bs[-1] == B) and lstm_parts.usable(dt, B, proj)   # reads W_ih, W_hh packed
     if parts:
         W_hh_T = None
     elif W_hh_T is not None:
         W_hh_T = _c(W_hh_T, dt)
     elif not one_step:
         W_hh_T = np.ascontiguousarray(W_hh.T)
-    if out is not None and (out.shape != (T, B, P) or out.dtype != dt or not out.flags.c_contiguous):
-        raise ValueError(f"lstm_layer_forward: out must be a C-contiguous {(T, B, P)} array of {dt}, "
-                         f"got {out.shape} {out.dtype}")
-    if batch_sizes is not None:
-        bs = check_batch_sizes(batch_sizes, T, B)
-        parts = bs[-1] == B and lstm_parts.usable(dt, B, proj)      # every sequence runs T steps
-        if bs[-1] != B:
-            result = _lstm_forward_packed(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, b is not None, bs, save)
-            if out is not None:
-                out[...] = result[0]
-                result = (out, *result[1:])
-            return result
+    if bs is not None and bs[-1] != B:
+        result = _lstm_forward_packed(x, h0, c0, W_ih, W_hh, W_hh_T, bias, W_hr, b is not None, bs, save)
+        if out is not None:
+            out[...] = result[0]
+            result = (out, *result[1:])
+        return result
     if B == 1:
         xa = np.empty((0, 0), dt) if one_step else _mm(x.reshape(T, I), W_ih.T, limit=ISOLATED_PRODUCT)
         gates, c, m, y, h_T, c_T = _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr if proj else W_hh,

@@ -142,9 +142,9 @@ def _backward_part(arg):
 
 
 def _weight_part(arg):
-    """dgates, x, h0, h, dW_ih, dW_hh, db, a_buf, b_buf; T, B, I, H, g0, g1, h0_term, db size."""
+    """dgates, x, h0, h, dW_ih, dW_hh, db, a_buf, b_buf; T, B, I, H, h0_term, db size, g0, g1."""
     a = carray(arg, 17)
-    T, B, I, H, g0, g1, h0_term, n_db = a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16]
+    T, B, I, H, h0_term, n_db, g0, g1 = a[9], a[10], a[11], a[12], a[13], a[14], a[15], a[16]
     G = 4 * H
     _weight_rows(carray(at(a[0]), (T, B, G)), carray(at(a[1]), (T, B, I)), carray(at(a[2]), (B, H)),
                  carray(at(a[3]), (T, B, H)), carray(at(a[4]), (G, I)), carray(at(a[5]), (G, H)),
@@ -210,8 +210,7 @@ def backward(dout, dh_T, dc_T, cache):
     g_ranges = gemm_kernel.row_ranges(G, len(ranges))
     bufs = [(np.empty(packed_size(max(I, P), gemm_kernel.KC), dt), np.empty(packed_size(hi - lo, gemm_kernel.KC), dt))
             for lo, hi in g_ranges]
-    rows = _rows((dgates, x, h0, h, dW_ih, dW_hh, db), bufs, (T, B, I, P), g_ranges)
-    rows = np.concatenate([rows, np.array([[int(h0.any()), db.size]] * len(g_ranges), np.int64)], axis=1)
+    rows = _rows((dgates, x, h0, h, dW_ih, dW_hh, db), bufs, (T, B, I, P, int(h0.any()), db.size), g_ranges)
     gemm_kernel.run_parts(_part(_weight_part), rows)
     scratch.give(dgates.base)
     return dx, dh, dc, dW_ih, dW_hh, (db if cache["has_bias"] else None)
