@@ -8,6 +8,8 @@ Numba is not installed, and then none of the names below exist (the reference ru
       ulps, tested) written in plain arithmetic, so LLVM vectorises the gate loop; math.tanh
       would be a scalar libm call per element (issue 4: 10x slower than NumPy's ufuncs).
       float64 keeps libm's tanh, so float64 results match the reference to ~1e-15.
+    * float32 exp likewise (Cephes' expf: 2^n times a polynomial on [-ln2/2, ln2/2]), for the
+      softmax (softmax_fused.py); float64 keeps libm's exp.
     * Every loop over j lives in its own small function that takes 1-D rows. Measured: the same
       loop written inline over rows of 2-D arrays stays scalar (6x slower); as a separate function
       on 1-D arguments LLVM vectorises it (8 floats per AVX2 instruction) and inlines it.
@@ -18,9 +20,10 @@ import math
 import numpy as np
 
 try:
+    from llvmlite import ir
     from numba import njit
     from numba.core import types
-    from numba.extending import overload
+    from numba.extending import intrinsic, overload
 
     from . import jit_cache
 
@@ -83,6 +86,53 @@ if AVAILABLE:
         if isinstance(x, types.Float) and x.bitwidth == 32:
             return lambda x: _HALF32 + _HALF32 * _tanh(_HALF32 * x)
         return lambda x: 0.5 + 0.5 * math.tanh(0.5 * x)
+
+    # exp(x) = 2^n e^r with n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2] (ln2 in two parts,
+    # Cody and Waite, so r is exact to float32), e^r by Cephes' expf polynomial (~1 ulp). Clamped so
+    # that 2^n stays a normal float: exp underflows to ~1e-38 and overflows to ~2.4e38, never inf.
+    _LOG2E = np.float32(1.44269504088896341)
+    _LN2_HI = np.float32(0.693359375)
+    _LN2_LO = np.float32(-2.12194440e-4)
+    _EXP_LO = np.float32(-87.3)
+    _EXP_HI = np.float32(88.3)
+    _E5 = np.float32(1.9875691500e-4)
+    _E4 = np.float32(1.3981999507e-3)
+    _E3 = np.float32(8.3334519073e-3)
+    _E2 = np.float32(4.1665795894e-2)
+    _E1 = np.float32(1.6666665459e-1)
+    _E0 = np.float32(5.0000001201e-1)
+    _ONE32 = np.float32(1.0)
+
+    @intrinsic
+    def _pow2(typingctx, n):
+        """2^n for a float32 n holding an integer in [-126, 127]: the exponent bits set directly
+        (plain integer ops, so a loop of them vectorises; math.ldexp is a libm call)."""
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            k = builder.fptosi(args[0], i32)
+            bits = builder.shl(builder.add(k, ir.Constant(i32, 127)), ir.Constant(i32, 23))
+            return builder.bitcast(bits, ir.FloatType())
+        return types.float32(types.float32), codegen
+
+    def _exp(x):  # pragma: no cover - replaced by the overload below inside compiled code
+        return math.exp(x)
+
+    # no reassociation here: it could fold n*_LN2_HI + n*_LN2_LO back into one rounded n*ln2
+    @overload(_exp, jit_options=dict(fastmath={"nnan", "ninf", "nsz", "contract", "afn"}))
+    def _exp_ov(x):
+        if isinstance(x, types.Float) and x.bitwidth == 32:
+            def impl(x):
+                x = min(max(x, _EXP_LO), _EXP_HI)
+                n = np.floor(x * _LOG2E + _HALF32)      # np.floor keeps float32 (math.floor: an int)
+                r = (x - n * _LN2_HI) - n * _LN2_LO
+                p = r * _E5 + _E4
+                p = p * r + _E3
+                p = p * r + _E2
+                p = p * r + _E1
+                p = p * r + _E0
+                return (p * (r * r) + r + _ONE32) * _pow2(n)
+            return impl
+        return lambda x: math.exp(x)
 
     # Every loop over j below lives in its own small function that takes 1-D rows. Measured:
     # the same loop written inline over rows of 2-D arrays stays scalar (6x slower); as a separate

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import LSTM, embedding_fused
+from . import LSTM, embedding_fused, softmax_fused
 
 
 # ---- the layers around the LSTM, forward and backward ----------------------------------------
@@ -56,8 +56,18 @@ def linear_backward(dz, cache):
     return dz @ W, dz.T @ x, dz.sum(axis=0)
 
 
-def softmax_cross_entropy_forward(z, y):
-    """z (N, V) logits, y (N,) int targets -> mean loss in nats (a Python float) and the cache."""
+def softmax_cross_entropy_forward(z, y, overwrite=False):
+    """z (N, V) logits, y (N,) int targets -> mean loss in nats (a Python float) and the cache.
+    overwrite: z may be overwritten (the caller has no further use for it). softmax_fused.py is
+    the fast path (one pass per row, the gradient made there); this is the readable form."""
+    y = np.asarray(y)
+    if y.size and (y.min() < 0 or y.max() >= z.shape[-1]):
+        bad = y.min() if y.min() < 0 else y.max()
+        raise IndexError(f"target {bad} is out of range: the logits have {z.shape[-1]} classes (0..{z.shape[-1] - 1})")
+    fused = softmax_fused.cross_entropy(z, y, overwrite)
+    if fused is not None:
+        loss, dz = fused
+        return loss, {"dz": dz, "y": y}
     zmax = z.max(axis=1, keepdims=True)
     p = z - zmax                                                       # (N, V), shifted: exp cannot overflow
     logp_y = p[np.arange(len(y)), y]                                   # (N,) before exp overwrites p
@@ -70,7 +80,9 @@ def softmax_cross_entropy_forward(z, y):
 
 
 def softmax_cross_entropy_backward(cache):
-    """dloss/dz for the mean loss: (p - onehot(y)) / N."""
+    """dloss/dz for the mean loss: (p - onehot(y)) / N (made by the forward on the fast path)."""
+    if "dz" in cache:
+        return cache["dz"]
     p, y = cache["p"], cache["y"]
     N = len(y)
     dz = p  # reuse the buffer: p is not needed after this
@@ -231,7 +243,7 @@ class LanguageModel(ModelBase):
         Keeps what backward() needs; returns (loss, (h_T, c_T))."""
         z, state, cache = self.forward(ids, state)
         loss, ce_cache = softmax_cross_entropy_forward(z.reshape(-1, self.vocab_size),
-                                                       np.asarray(targets).reshape(-1))
+                                                       np.asarray(targets).reshape(-1), overwrite=True)
         cache["ce"] = ce_cache
         self._cache = cache
         return loss, state

@@ -176,3 +176,85 @@ def test_embedding_backward_fused_rows_equal_np_add_at(dtype, id_dtype):
     got = embedding_backward(dx, {"ids": ids, "V": V})
     np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == np.float32 else 1e-14, atol=0)
     assert not got[6:].any() and got[:6].any()
+
+
+def _readable_cross_entropy(monkeypatch, z, y):
+    """The readable NumPy form of the loss and its gradient (softmax_fused switched off)."""
+    from lstmkit import softmax_fused
+    with monkeypatch.context() as m:
+        m.setattr(softmax_fused, "AVAILABLE", False)
+        loss, cache = softmax_cross_entropy_forward(z, y)
+        assert "p" in cache                         # the readable path did run
+        return loss, softmax_cross_entropy_backward(cache)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_cross_entropy_fused_equals_readable_and_torch(monkeypatch, dtype):
+    """softmax_fused's one-pass loss and gradient against the readable NumPy passes and against
+    torch's cross_entropy, at the main job's vocabulary with logits spread over a wide range
+    (rows of very different scale, a target that is the row's maximum and one far below it)."""
+    from lstmkit import softmax_fused
+    if not softmax_fused.AVAILABLE:
+        pytest.skip("Numba is not importable: there is no fused loop")
+    rng = np.random.default_rng(6)
+    N, V = 37, 1669
+    z = (rng.standard_normal((N, V)) * rng.uniform(0.1, 30, (N, 1))).astype(dtype)
+    y = rng.integers(0, V, N)
+    y[0] = z[0].argmax()
+    y[1] = z[1].argmin()
+    z_before = z.copy()
+    loss, cache = softmax_cross_entropy_forward(z, y)
+    assert "dz" in cache and np.array_equal(z, z_before)          # the fast path ran; z kept
+    dz = softmax_cross_entropy_backward(cache)
+    want_loss, want_dz = _readable_cross_entropy(monkeypatch, z, y)
+    tol = dict(rtol=2e-5, atol=1e-9) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-17)
+    assert loss == pytest.approx(want_loss, rel=tol["rtol"])
+    np.testing.assert_allclose(dz, want_dz, **tol)
+    zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    lt = torch.nn.functional.cross_entropy(zt, torch.tensor(y))
+    lt.backward()
+    assert loss == pytest.approx(lt.item(), rel=tol["rtol"])
+    np.testing.assert_allclose(dz, zt.grad.numpy(), **tol)
+    # each row of dz sums to 0 (softmax sums to 1, minus the one-hot)
+    np.testing.assert_allclose(dz.astype(np.float64).sum(axis=1), 0, atol=10 * np.finfo(dtype).eps / N)
+
+
+def test_softmax_cross_entropy_fused_overwrite_and_bad_targets():
+    """overwrite=True writes the gradient over the logits (what the language model asks: its
+    logits are its own); a target outside 0..V-1 is an IndexError naming it, on either path."""
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((5, 9)).astype(np.float32)
+    y = np.array([0, 8, 3, 3, 1])
+    loss, cache = softmax_cross_entropy_forward(z.copy(), y)
+    z2 = z.copy()
+    loss2, cache2 = softmax_cross_entropy_forward(z2, y, overwrite=True)
+    dz2 = softmax_cross_entropy_backward(cache2)
+    assert loss2 == loss
+    np.testing.assert_array_equal(dz2, softmax_cross_entropy_backward(cache))
+    if "dz" in cache2:
+        assert dz2 is z2
+    with pytest.raises(IndexError, match="target 9 is out of range: the logits have 9 classes"):
+        softmax_cross_entropy_forward(z.copy(), np.array([0, 9, 3, 3, 1]))
+    with pytest.raises(IndexError, match="target -6"):           # not wrapped round as NumPy would
+        softmax_cross_entropy_forward(z.copy(), np.array([0, -6, 3, 3, 1]))
+
+
+def test_float32_exp_accuracy():
+    """jit._exp (the softmax's vectorised float32 exp) within 2 ulps of float64 exp over the
+    float32 range, finite and >= 0 beyond it (clamped, never inf or NaN)."""
+    from lstmkit import jit
+    if not jit.AVAILABLE:
+        pytest.skip("Numba is not importable")
+
+    @jit.njit(cache=False, fastmath=True)
+    def run(x, out):
+        for k in range(x.shape[0]):
+            out[k] = jit._exp(x[k])
+
+    x = np.concatenate([np.linspace(-87, 88, 400001), [-1e30, -100.0, 0.0, 100.0, 1e30]]).astype(np.float32)
+    got = np.empty_like(x)
+    run(x, got)
+    want = np.exp(x[:-5].astype(np.float64))
+    np.testing.assert_allclose(got[:-5], want, rtol=2 * np.finfo(np.float32).eps, atol=0)
+    assert np.all(np.isfinite(got)) and np.all(got >= 0)
+    assert got[-5] < 1e-37 and got[-3] == 1.0 and got[-1] > 1e38
