@@ -4,6 +4,7 @@
     python benchmarks/ab_kernels.py /tmp/base .          # base tree, candidate tree
     python benchmarks/ab_kernels.py /tmp/base . --mode rnn --sizes 0,4 --seconds 12
     python benchmarks/ab_kernels.py /tmp/base . --mode gru          # gru.py's fused layer
+    python benchmarks/ab_kernels.py /tmp/base . --inference         # the forward alone, as no_grad runs it
 
 Each tree's file is loaded as a submodule of a package made up for that tree (lstmkit_ab_base,
 lstmkit_ab_candidate) whose path is the tree's lstmkit/ folder, so its relative imports (jit.py's
@@ -57,7 +58,15 @@ def load_kernels(tree, name, file="kernels"):
     return module
 
 
-def layer_call(K, mode, x, h0, c0, W_ih, W_hh, b, dy):
+def layer_call(K, mode, x, h0, c0, W_ih, W_hh, b, dy, inference=False):
+    if inference:       # the forward alone, keeping nothing for a backward (what no_grad runs)
+        if mode == "lstm":
+            K.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, save=False)
+        elif mode == "gru":
+            K.fused_forward(x, h0, W_ih, W_hh, b, b, save=False)
+        else:
+            K.rnn_layer_forward(x, h0, W_ih, W_hh, b, save=False)
+        return
     if mode == "lstm":
         _, _, _, cache = K.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b)
         K.lstm_layer_backward(dy, None, None, cache)
@@ -77,6 +86,8 @@ def main():
                     help="which layer (default lstm); gru times gru.py's fused layer")
     ap.add_argument("--sizes", default=None, help="comma-separated indices into the size list (default all)")
     ap.add_argument("--seconds", type=float, default=8.0, help="time spent per size (default 8)")
+    ap.add_argument("--inference", action="store_true",
+                    help="time the forward alone without saving for a backward (no_grad), not forward + backward")
     args = ap.parse_args()
     os.environ["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="lstmkit-ab-")
     file = "gru" if args.mode == "gru" else "kernels"
@@ -95,19 +106,19 @@ def main():
         dy = rng.standard_normal((T, B, H), dtype=f32)
         sides = {"base": base, "candidate": cand}
         for K in (base, cand, base, cand):   # JIT compilation and BLAS thread start-up
-            layer_call(K, args.mode, x, h0, c0, W_ih, W_hh, b, dy)
+            layer_call(K, args.mode, x, h0, c0, W_ih, W_hh, b, dy, args.inference)
         times = {k: [] for k in sides}
         rounds, end = 0, time.time() + args.seconds
         while time.time() < end or rounds < 10:
             order = list(sides) if rounds % 2 == 0 else list(sides)[::-1]
             for k in order:
                 t0 = time.perf_counter()
-                layer_call(sides[k], args.mode, x, h0, c0, W_ih, W_hh, b, dy)
+                layer_call(sides[k], args.mode, x, h0, c0, W_ih, W_hh, b, dy, args.inference)
                 times[k].append(time.perf_counter() - t0)
             rounds += 1
         lo = {k: min(v) * 1e3 for k, v in times.items()}
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        print(f"{args.mode} T,B,I,H={T},{B},{I},{H} rounds={rounds}  "
+        print(f"{args.mode}{' inference' if args.inference else ''} T,B,I,H={T},{B},{I},{H} rounds={rounds}  "
               f"min base {lo['base']:.2f} cand {lo['candidate']:.2f} ms (x{lo['candidate'] / lo['base']:.3f})  "
               f"median base {med['base']:.2f} cand {med['candidate']:.2f} ms "
               f"(x{med['candidate'] / med['base']:.3f})", flush=True)

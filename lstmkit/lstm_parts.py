@@ -10,6 +10,7 @@ Shape letters
 
 Forward, each step, for a part's rows (two kernel calls straight into gates[t, r0:r1]):
     a_t = b + x_t W_ih^T + h_{t-1} W_hh^T,  then the fused gate kernel: i, f, g, o, c_t, h_t
+    (without save, one gate buffer for all steps, which the lean kernel leaves holding b)
 Backward, each step in reverse, for a part's rows (da_t packed once for both products):
     da_t from the fused backward kernel with dm = dout_t + dh_t
     dh_{t-1} = da_t W_hh        dx_t = da_t W_ih
@@ -24,7 +25,7 @@ from . import gemm_kernel, scratch
 from .gemm_kernel import add_dt_y, kernel, pack_b_cols, packed_size
 from .gemm_kernel import float32_at as at
 from .jit import _JIT, _add2, njit
-from .lstm_rows import _lstm_bwd_row, _lstm_fwd_row
+from .lstm_rows import _lstm_bwd_row, _lstm_fwd_row, _lstm_fwd_row_lean
 
 # A batch below this runs lstm_fused.py's path: with fewer rows than two parts' worth, one core
 # would do the work that BLAS's two threads share there.
@@ -51,14 +52,18 @@ def _forward_rows(x, h0, c0, bias, a_ih, a_hh, gates, c, out, save, r0, r1, b_pa
         ct = c[t] if save else c[(t + T) % 2]
         hp = h0 if t == 0 else out[t - 1]
         cp = c0 if t == 0 else (c[t - 1] if save else c[(t + T - 1) % 2])
-        for r in range(r0, r1):
-            a[r, :] = bias
+        if save or t == 0:      # without save the lean row kernel leaves b in a for the next step
+            for r in range(r0, r1):
+                a[r, :] = bias
         pack_b_cols(I, n, x[t, r0].ctypes.data, I, b_pack.ctypes.data)
         kernel(G, n, I, one, a_ih.ctypes.data, b_pack.ctypes.data, a[r0].ctypes.data, G)
         pack_b_cols(P, n, hp[r0].ctypes.data, P, b_pack.ctypes.data)
         kernel(G, n, P, one, a_hh.ctypes.data, b_pack.ctypes.data, a[r0].ctypes.data, G)
         for r in range(r0, r1):
-            _lstm_fwd_row(a[r], zeros, zeros, cp[r], ct[r], out[t, r])
+            if save:
+                _lstm_fwd_row(a[r], zeros, zeros, cp[r], ct[r], out[t, r])
+            else:
+                _lstm_fwd_row_lean(a[r], bias, cp[r], ct[r], out[t, r])
 
 
 @njit(**_JIT)

@@ -28,6 +28,25 @@ def _lstm_fwd_row(a, r, bias, cp, cn, mn):
         mn[j] = o * _tanh(cj)
 
 @njit(**_JIT)
+def _lstm_fwd_row_lean(a, bias, cp, cn, mn):
+    """_lstm_fwd_row with no backward to follow (lstm_parts.py's forward without save): a (G,) in
+    b + x W_ih^T + h_{t-1} W_hh^T, out b, the next step's starting value (the activations are read
+    by nothing). Setting a row to b is then no pass of its own: 2.4% of a one-thread forward."""
+    H = cp.shape[0]
+    for j in range(H):
+        i = _sigmoid(a[j])
+        f = _sigmoid(a[H + j])
+        g = _tanh(a[2 * H + j])
+        o = _sigmoid(a[3 * H + j])
+        a[j] = bias[j]
+        a[H + j] = bias[H + j]
+        a[2 * H + j] = bias[2 * H + j]
+        a[3 * H + j] = bias[3 * H + j]
+        cj = f * cp[j] + i * g
+        cn[j] = cj
+        mn[j] = o * _tanh(cj)
+
+@njit(**_JIT)
 def _lstm_fwd_step(gates, rec, bias, c_prev, c, m):
     """gates (B, G): in x W_ih^T, out the activations; rec (B, G) = h_{t-1} W_hh^T;
     c_prev (B, H) in; c, m (B, H) out."""
