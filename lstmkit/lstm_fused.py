@@ -108,7 +108,7 @@ def _lstm_layer_bwd_b1(dout, gates, c, c0, W_hh_T, W_hr, has_proj, dh, dc, dgate
 
 # ---------------------------------------------------------------------- the layer
 def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W_hh_T=None,
-                       batch_sizes=None, out=None):
+                       batch_sizes=None, out=None, packed=None):
     """One LSTM layer, one direction, all T steps; the contract of functional.lstm_layer_forward.
 
     x (T, B, I), h0 (B, P), c0 (B, H), W_ih (G, I), W_hh (G, P), b (G,) or None, W_hr (P, H) or None.
@@ -127,6 +127,8 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     out: a C-contiguous (T, B, P) array of the result's dtype to write the output into, as NumPy's
     out= (stack_arrays.py passes kept arrays, so that a step maps no fresh memory); it is what is
     returned.
+    packed: lstm_parts.pack_weights(W_ih, W_hh), when the caller keeps it across calls (rnn_base
+    does without save, refreshed when the weights change); read when the call runs lstm_parts.
     """
     dt = np.result_type(x.dtype, W_ih.dtype)
     x = _c(x, dt)
@@ -167,7 +169,7 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
             m = m if proj else out
     else:
         if parts:
-            gates, c, out = lstm_parts.forward(x, h0, c0, W_ih, W_hh, bias, save, out)
+            gates, c, out = lstm_parts.forward(x, h0, c0, W_ih, W_hh, bias, save, out, packed)
             m = out
         else:
             gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save, out)

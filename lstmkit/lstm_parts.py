@@ -165,13 +165,25 @@ def _rows(shared, private, sizes, ranges):
 
 
 # ---------------------------------------------------------------------- the layer
-def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None):
-    """lstm_fused._lstm_forward_loop's contract (no projection): gates, c, out."""
+def pack_weights(W_ih, W_hh):
+    """(W_ih, W_hh) packed as forward() reads them, in new arrays: for a caller that keeps them
+    while the weights stay the same (rnn_base does, for calls without save)."""
+    (G, I), P = W_ih.shape, W_hh.shape[1]
+    return (gemm_kernel.pack_for_xwt(W_ih, np.empty(packed_size(G, I), W_ih.dtype)),
+            gemm_kernel.pack_for_xwt(W_hh, np.empty(packed_size(G, P), W_hh.dtype)))
+
+
+def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
+    """lstm_fused._lstm_forward_loop's contract (no projection): gates, c, out. packed: what
+    pack_weights(W_ih, W_hh) returns, when the caller keeps it; else they are packed here."""
     T, B, I = x.shape
     G, P = W_hh.shape
     dt = x.dtype
-    a_ih = gemm_kernel.pack_for_xwt(W_ih, scratch.take((packed_size(G, I),), dt))
-    a_hh = gemm_kernel.pack_for_xwt(W_hh, scratch.take((packed_size(G, P),), dt))
+    if packed is None:
+        a_ih = gemm_kernel.pack_for_xwt(W_ih, scratch.take((packed_size(G, I),), dt))
+        a_hh = gemm_kernel.pack_for_xwt(W_hh, scratch.take((packed_size(G, P),), dt))
+    else:
+        a_ih, a_hh = packed
     # kept arrays (scratch.py), as lstm_fused's loop takes them: the cache's gates and c
     gates = scratch.take((T * B if save else B, G), dt).reshape(-1, B, G)
     c = scratch.take((T, B, G // 4), dt) if save else np.empty((2, B, G // 4), dt)
@@ -184,8 +196,9 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None):
     rows = _rows((x, h0, c0, bias, a_ih, a_hh, gates, c, out), [(p, zeros) for p in packs],
                  (T, B, I, P, int(save)), ranges)
     gemm_kernel.run_parts(_part(_forward_part), rows)
-    scratch.give(a_ih)
-    scratch.give(a_hh)
+    if packed is None:
+        scratch.give(a_ih)
+        scratch.give(a_hh)
     return gates, c, out
 
 

@@ -223,3 +223,44 @@ def test_packed_batch_of_equal_lengths_takes_the_parts():
     got = [packed[0], *K.lstm_layer_backward(dout, None, None, packed[3])[:6]]
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("layers, bidir", [(1, False), (2, True)])
+def test_no_grad_keeps_packed_weights_until_they_change(layers, bidir, monkeypatch):
+    """Under no_grad the module keeps each layer's weights packed for the kernel (rnn_base's
+    _derived): packed once per weight version, the output torch's before and after an optimizer
+    step changes the weights in place, and after load_state_dict; a training forward packs its own
+    each call and keeps none."""
+    torch = pytest.importorskip("torch")
+    import lstmkit
+    from lstmkit.optim import SGD
+    from oracle import assert_close, torch_twin
+    kw = dict(input_size=7, hidden_size=8, num_layers=layers, bidirectional=bidir)
+    ours = LSTM(**kw, dtype=np.float32, seed=3)
+    made = []
+    real = lstm_parts.pack_weights
+    monkeypatch.setattr(lstm_parts, "pack_weights", lambda *w: made.append(1) or real(*w))
+    x = np.random.default_rng(4).standard_normal((5, 20, 7)).astype(np.float32)
+    D = 2 if bidir else 1
+
+    def check(expect_new_packs):
+        before = len(made)
+        with lstmkit.no_grad():
+            first = ours(x)[0].copy()
+            again = ours(x)[0]
+        assert len(made) - before == expect_new_packs
+        np.testing.assert_array_equal(first, again)
+        twin = torch_twin(ours, torch.nn.LSTM, **kw)
+        with torch.no_grad():
+            assert_close(first, twin(torch.from_numpy(x))[0], np.float32, "no_grad output")
+
+    check(layers * D)
+    check(0)                                         # nothing changed: the packs are reused
+    out, _ = ours(x)                                 # a training step: weights updated in place
+    ours.backward(np.ones_like(out))
+    assert len(made) == layers * D                   # the training forward kept no packs
+    SGD(dict(ours.named_parameters()), lr=0.5).step(ours.grads)
+    check(layers * D)
+    state = {k: v * 0.5 for k, v in ours.state_dict().items()}
+    ours.load_state_dict(state)
+    check(layers * D)
