@@ -186,12 +186,12 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
         a_ih, a_hh = packed
     # kept arrays (scratch.py), as lstm_fused's loop takes them: the cache's gates and c
     gates = scratch.take((T * B if save else B, G), dt).reshape(-1, B, G)
-    c = scratch.take((T, B, G // 4), dt) if save else np.empty((2, B, G // 4), dt)
+    c = scratch.take((T, B, G // 4), dt) if save else scratch.empty((2, B, G // 4), dt)
     if out is None:
-        out = np.empty((T, B, P), dt)
+        out = scratch.empty((T, B, P), dt)
     h0, c0, bias = (np.ascontiguousarray(v, dtype=dt) for v in (h0, c0, bias))
     ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
-    packs = [np.empty(packed_size(hi - lo, max(I, P)), dt) for lo, hi in ranges]
+    packs = [scratch.empty(packed_size(hi - lo, max(I, P)), dt) for lo, hi in ranges]
     zeros = np.zeros(G, dt)
     rows = _rows((x, h0, c0, bias, a_ih, a_hh, gates, c, out), [(p, zeros) for p in packs],
                  (T, B, I, P, int(save)), ranges)
@@ -215,18 +215,19 @@ def backward(dout, dh_T, dc_T, cache):
     a_ih = gemm_kernel.pack_for_dw(W_ih, scratch.take((packed_size(I, G),), dt))
     dgates = scratch.take((T * B, G), dt).reshape(T, B, G)
     dx = scratch.take((T, B, I), dt)     # given back by rnn_base once the layer below has used it
-    dh = np.zeros((B, P), dt) if dh_T is None else np.array(dh_T, dtype=dt, order="C")
-    dc = np.zeros((B, G // 4), dt) if dc_T is None else np.array(dc_T, dtype=dt, order="C")
+    dh, dc = scratch.empty((B, P), dt), scratch.empty((B, G // 4), dt)     # the parts write their rows
+    dh[...] = 0 if dh_T is None else dh_T
+    dc[...] = 0 if dc_T is None else dc_T
     ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
-    packs = [(np.empty(packed_size(hi - lo, G), dt),) for lo, hi in ranges]
+    packs = [(scratch.empty(packed_size(hi - lo, G), dt),) for lo, hi in ranges]
     rows = _rows((dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc), packs, (T, B, I, P), ranges)
     gemm_kernel.run_parts(_part(_backward_part), rows)
     scratch.give(a_hh)
     scratch.give(a_ih)
     dW_ih, dW_hh = scratch.take((G, I), dt), scratch.take((G, P), dt)
-    db = np.empty(G if cache["has_bias"] else 0, dt)
+    db = scratch.empty(G if cache["has_bias"] else 0, dt)
     g_ranges = gemm_kernel.row_ranges(G, len(ranges))
-    bufs = [(np.empty(packed_size(max(I, P), gemm_kernel.KC), dt), np.empty(packed_size(hi - lo, gemm_kernel.KC), dt))
+    bufs = [(scratch.empty(packed_size(max(I, P), gemm_kernel.KC), dt), scratch.empty(packed_size(hi - lo, gemm_kernel.KC), dt))
             for lo, hi in g_ranges]
     rows = _rows((dgates, x, h0, h, dW_ih, dW_hh, db), bufs, (T, B, I, P, int(h0.any()), db.size), g_ranges)
     gemm_kernel.run_parts(_part(_weight_part), rows)

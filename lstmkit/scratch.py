@@ -48,21 +48,69 @@ def _key(shape, dtype):
     return tuple(int(n) for n in shape), np.dtype(dtype).str
 
 
+# ---------------------------------------------------------------------- cache-line aligned arrays
+# NumPy's arrays start wherever malloc puts them: 16 bytes past a page for the multi-MB ones (glibc's
+# chunk header). The layers' parts (lstm_parts.py) write neighbouring batch rows of the same arrays
+# from two cores; at 16 bytes off, the line holding one part's last row and the next part's first
+# is written by both every step, and every row's vector loads and stores straddle lines. Arrays
+# that start on a 64-byte line: 5-7% faster forward at (50, 32, 64, 128) and (50, 50, 128, 128)
+# (BENCHMARKS.md, "Eighth session"). A NumPy array cannot own memory it did not allocate, so these
+# are views of a slightly larger byte buffer; `_aligned` knows those buffers (by id, dropped when one
+# dies), so that give() can keep such a view, or the buffer itself (what .base of a reshape of one
+# is), as it keeps an array that owns its memory.
+LINE = 64
+_aligned = {}     # id(buffer) -> (weakref to its aligned view, byte offset, shape, dtype)
+
+
+def empty(shape, dtype):
+    """np.empty(shape, dtype) starting on a LINE-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + LINE, np.uint8)
+    off = -buf.ctypes.data % LINE
+    a = buf[off:off + nbytes].view(dtype).reshape(shape)
+    _aligned[id(buf)] = (weakref.ref(a), off, a.shape, dtype)
+    weakref.finalize(buf, _aligned.pop, id(buf), None)
+    return a
+
+
+def _keepable(a):
+    """The array to keep for `a` (itself, or the aligned view of the buffer it is or spans), or None
+    for what must not be kept: a view of part of an array, or of memory not ours."""
+    if not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
+        return None
+    buf = a if id(a) in _aligned else a.base
+    entry = _aligned.get(id(buf)) if buf is not None else None
+    if entry is None:
+        return a if a.base is None else None
+    ref, off, shape, dtype = entry
+    if a is not buf and (a.ctypes.data != buf.ctypes.data + off or a.nbytes != buf.nbytes - LINE):
+        return None
+    view = ref()
+    if view is None:            # the first view is gone (a reshape of it kept the buffer alive)
+        view = buf[off:off + buf.nbytes - LINE].view(dtype).reshape(shape)
+        _aligned[id(buf)] = (weakref.ref(view), off, shape, dtype)
+    return view
+
+
 def take(shape, dtype):
-    """An uninitialised (shape) array of dtype: a kept one when there is one, else a new one."""
+    """An uninitialised (shape) array of dtype, starting on a cache line: a kept one when there is
+    one, else a new one."""
     key = _key(shape, dtype)
     with _lock:
         kept = _free.get(key)
         if kept:
             _free.move_to_end(key)
             return kept.pop()
-    return np.empty(shape, dtype)
+    return empty(shape, dtype)
 
 
 def give(a):
-    """Keep `a` for a later take; the caller promises that nothing reads or writes it any more."""
-    if a is None or not a.flags.c_contiguous or a.base is not None:
-        return      # views (and arrays others may share) are never kept
+    """Keep `a` for a later take; the caller promises that nothing reads or writes it any more.
+    `a` may be an array take() returned, a reshape of one, or its .base."""
+    a = _keepable(a) if a is not None else None
+    if a is None:
+        return      # views of part of an array (and arrays others may share) are never kept
     key = _key(a.shape, a.dtype)
     with _lock:
         kept = _free.setdefault(key, [])
@@ -113,23 +161,32 @@ def _references(held, key):
     return sys.getrefcount(a)
 
 
-def _alone_count():
+def _buffer_references(held, key):
+    """References to the byte buffer under an aligned array (its own .base counts one): a view the
+    caller made of the array holds the buffer, not the array."""
+    a = held.get(key)
+    return sys.getrefcount(a.base)
+
+
+def _alone_counts():
     if sys.implementation.name != "cpython" or not getattr(sys, "_is_gil_enabled", lambda: True)():
-        return None
-    probe = {"a": np.empty(1)}
-    return _references(probe, "a")
+        return None, None
+    probe = {"a": np.empty(1), "b": empty(1, np.float64)}
+    return _references(probe, "a"), _buffer_references(probe, "b")
 
 
-_ALONE = _alone_count()
+_ALONE, _ALONE_BUFFER = _alone_counts()
 
 
 def hold(held, key, a):
     """Remember `a`, just handed to the caller under `key` (held: a dict the module owns)."""
-    if _ALONE is not None and isinstance(a, np.ndarray) and a.base is None:
+    if _ALONE is not None and isinstance(a, np.ndarray) and (a.base is None or _keepable(a) is a):
         held[key] = a
 
 
 def reclaim(held, key):
-    """Give the array held under `key` to the pool when nothing but `held` refers to it."""
-    if key in held and _references(held, key) == _ALONE:
+    """Give the array held under `key` to the pool when nothing but `held` refers to it (nor,
+    for an aligned array, to the buffer under it)."""
+    if key in held and _references(held, key) == _ALONE and \
+            (held[key].base is None or _buffer_references(held, key) == _ALONE_BUFFER):
         give(held.pop(key))

@@ -287,3 +287,41 @@ def test_a_cache_dying_while_the_pool_is_busy_in_the_same_thread_does_not_deadlo
     t.start()
     t.join(10)
     assert done == [True], "the finalizer's give() blocked on the pool's lock"
+
+
+def test_taken_arrays_start_on_a_cache_line_and_come_back_through_reshapes_and_base():
+    """take() hands out arrays that start on a 64-byte line (views of a larger byte buffer, since
+    NumPy cannot own memory it did not allocate); give() keeps one given as itself, as a whole-array
+    reshape or as its .base (what the layers give), and refuses a view of part of it."""
+    a = scratch.take((7, 13), np.float32)
+    assert a.ctypes.data % scratch.LINE == 0 and a.shape == (7, 13) and a.dtype == np.float32
+    scratch.give(a.reshape(13, 7).base)                   # the byte buffer under it
+    assert scratch.take((7, 13), np.float32) is a
+    scratch.give(a.reshape(91))                           # a reshape covering all of it
+    assert scratch.take((7, 13), np.float32) is a
+    scratch.give(a[1:])                                   # part of it: never kept
+    scratch.give(a.reshape(91)[:90])
+    assert scratch.take((7, 13), np.float32) is not a
+    b = scratch.take((5, 3), np.float64)
+    r = b.reshape(15)
+    del b                                                 # the first view is gone, a reshape lives
+    scratch.give(r)
+    again = scratch.take((5, 3), np.float64)
+    assert again.shape == (5, 3) and np.shares_memory(again, r)
+
+
+@needs_counts
+def test_an_aligned_held_array_is_not_reclaimed_while_the_caller_has_a_view_of_it():
+    """A view the caller made of an aligned array holds the byte buffer under it, not the array
+    itself: reclaim must see that reference too."""
+    held = {}
+    a = scratch.take((4, 6), np.float32)
+    scratch.hold(held, "out", a)
+    assert "out" in held
+    view = a[1:]
+    del a
+    scratch.reclaim(held, "out")
+    assert "out" in held                       # only the view refers to its memory now
+    del view
+    scratch.reclaim(held, "out")
+    assert "out" not in held
