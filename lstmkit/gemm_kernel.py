@@ -35,6 +35,7 @@ import os
 import platform
 
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
@@ -194,6 +195,49 @@ def float32_at(typingctx, address):
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
     return types.CPointer(types.float32)(types.int64), codegen
+
+
+# ---------------------------------------------------------------------- a barrier between parts
+# Parts that split a step's work (lstm_units.py) meet once per step on a shared int64 counter:
+# each adds 1 when its share of the step is written, then spins until all parts of that step have.
+# The parts run at the same time on OpenBLAS's threads (run_parts), so a spin is a short wait.
+@intrinsic
+def _atomic_add(typingctx, address, value):
+    """*address += value as one atomic step (sequentially consistent); returns the old value."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.atomic_rmw("add", ptr, args[1], "seq_cst")
+    return types.int64(types.int64, types.int64), codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, address):
+    """*address read atomically (acquire: what the other parts wrote before their add is seen)."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        return builder.load_atomic(ptr, "acquire", 8)
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def _spin_pause(typingctx):
+    """x86's pause: a spinning core yields its pipeline to the other hyper-thread and saves power."""
+    def codegen(context, builder, signature, args):
+        fn = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause") \
+            if "llvm.x86.sse2.pause" not in builder.module.globals else builder.module.globals["llvm.x86.sse2.pause"]
+        builder.call(fn, [])
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+@njit(**_JIT)
+def barrier(counter, parts, step):
+    """Part's arrival at the end of `step` (0, 1, ...): returns once all `parts` parts have arrived.
+    counter: the address of an int64 that starts at 0, shared by the parts of one call."""
+    _atomic_add(counter, 1)
+    target = parts * (step + 1)
+    while _atomic_load(counter) < target:
+        _spin_pause()
 
 
 def _cores():

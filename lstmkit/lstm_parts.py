@@ -21,7 +21,7 @@ then the weight gradients, the parts split by gate rows: dW_ih = Σ_t da_t^T x_t
 import numpy as np
 from numba import carray, cfunc, types
 
-from . import gemm_kernel, scratch
+from . import gemm_kernel, lstm_units, scratch
 from .gemm_kernel import add_dt_y, kernel, pack_b_cols, packed_size
 from .gemm_kernel import float32_at as at
 from .jit import _JIT, _add2, njit
@@ -165,32 +165,60 @@ def _rows(shared, private, sizes, ranges):
 
 
 # ---------------------------------------------------------------------- the layer
+class PackedWeights:
+    """A layer's W_ih and W_hh packed for the kernel, for a caller that keeps them while the weights
+    stay the same (rnn_base does, for calls without save): each layout made at its first use."""
+
+    def __init__(self, W_ih, W_hh):
+        self._weights = (W_ih, W_hh)
+        self._layouts = {}
+
+    def rows(self):
+        """(W_ih, W_hh) packed whole, as the row parts read them."""
+        if "rows" not in self._layouts:
+            (G, I), P = self._weights[0].shape, self._weights[1].shape[1]
+            self._layouts["rows"] = tuple(gemm_kernel.pack_for_xwt(W, scratch.empty(packed_size(G, K), W.dtype))
+                                          for W, K in zip(self._weights, (I, P)))
+        return self._layouts["rows"]
+
+    def units(self, parts):
+        """lstm_units.pack_weights for `parts` parts."""
+        key = ("units", parts)
+        if key not in self._layouts:
+            self._layouts[key] = lstm_units.pack_weights(*self._weights, parts)
+        return self._layouts[key]
+
+
 def pack_weights(W_ih, W_hh):
-    """(W_ih, W_hh) packed as forward() reads them, in new arrays: for a caller that keeps them
-    while the weights stay the same (rnn_base does, for calls without save)."""
-    (G, I), P = W_ih.shape, W_hh.shape[1]
-    return (gemm_kernel.pack_for_xwt(W_ih, np.empty(packed_size(G, I), W_ih.dtype)),
-            gemm_kernel.pack_for_xwt(W_hh, np.empty(packed_size(G, P), W_hh.dtype)))
+    """What forward() takes as `packed`: the weights packed at first use, then kept."""
+    return PackedWeights(W_ih, W_hh)
 
 
 def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
     """lstm_fused._lstm_forward_loop's contract (no projection): gates, c, out. packed: what
-    pack_weights(W_ih, W_hh) returns, when the caller keeps it; else they are packed here."""
+    pack_weights(W_ih, W_hh) returns, when the caller keeps it; else the weights are packed here.
+    Without save, a batch that the row parts would cut into wasteful panels (lstm_units.preferred)
+    runs lstm_units.py's split by units instead."""
     T, B, I = x.shape
     G, P = W_hh.shape
     dt = x.dtype
+    parts = gemm_kernel.parts_for(B)
+    if out is None:
+        out = scratch.empty((T, B, P), dt)
+    bias = np.ascontiguousarray(bias, dtype=dt)
+    if not save and lstm_units.preferred(B, I, P, parts):
+        return lstm_units.forward(x, h0, c0, W_ih, W_hh, bias, out, parts,
+                                  None if packed is None else packed.units(parts))
     if packed is None:
         a_ih = gemm_kernel.pack_for_xwt(W_ih, scratch.take((packed_size(G, I),), dt))
         a_hh = gemm_kernel.pack_for_xwt(W_hh, scratch.take((packed_size(G, P),), dt))
     else:
-        a_ih, a_hh = packed
+        a_ih, a_hh = packed.rows()
     # kept arrays (scratch.py), as lstm_fused's loop takes them: the cache's gates and c
     gates = scratch.take((T * B if save else B, G), dt).reshape(-1, B, G)
     c = scratch.take((T, B, G // 4), dt) if save else scratch.empty((2, B, G // 4), dt)
-    if out is None:
-        out = scratch.empty((T, B, P), dt)
-    h0, c0, bias = (np.ascontiguousarray(v, dtype=dt) for v in (h0, c0, bias))
-    ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
+    h0, c0 = (np.ascontiguousarray(v, dtype=dt) for v in (h0, c0))
+    ranges = gemm_kernel.row_ranges(B, parts)
     packs = [scratch.empty(packed_size(hi - lo, max(I, P)), dt) for lo, hi in ranges]
     zeros = np.zeros(G, dt)
     rows = _rows((x, h0, c0, bias, a_ih, a_hh, gates, c, out), [(p, zeros) for p in packs],

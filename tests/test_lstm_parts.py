@@ -264,3 +264,126 @@ def test_no_grad_keeps_packed_weights_until_they_change(layers, bidir, monkeypat
     state = {k: v * 0.5 for k, v in ours.state_dict().items()}
     ours.load_state_dict(state)
     check(layers * D)
+
+
+# ---------------------------------------------------------------------- the split by units (lstm_units.py)
+from lstmkit import lstm_units  # noqa: E402
+
+
+def test_units_preferred_where_rows_waste_panels_or_weights_pass_l2(monkeypatch):
+    monkeypatch.setattr(lstm_units, "L2_BYTES", 1 << 20)
+    assert lstm_units.preferred(50, 128, 128, 2)           # rows of 25: 7 panels each; units: 6.5
+    assert lstm_units.preferred(20, 16, 64, 2)             # rows of 10: 3 panels; units: 2.5
+    assert not lstm_units.preferred(32, 64, 128, 2)        # 4 panels either way, 0.4 MiB of weights
+    assert not lstm_units.preferred(48, 128, 128, 2)       # 6 panels either way, 0.5 MiB
+    assert lstm_units.preferred(32, 256, 256, 2)           # 2 MiB of weights: more than one L2
+    assert not lstm_units.preferred(50, 128, 128, 1)       # one part: nothing to split
+    assert not lstm_units.preferred(50, 128, 24, 2)        # fewer than 16 units a part
+    for H in (32, 40, 48, 100, 256):
+        r = lstm_units.unit_ranges(H, 2)
+        assert r[0][0] == 0 and r[-1][1] == H and all(a[1] == b[0] for a, b in zip(r, r[1:]))
+        assert all(j0 % lstm_units.UNIT_STEP == 0 and j1 > j0 for j0, j1 in r)
+
+
+@pytest.mark.parametrize("T, B, I, H", [(5, 50, 7, 32), (3, 20, 16, 64), (4, 18, 9, 48), (6, 34, 5, 40),
+                                        (2, 50, 40, 128)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_units_match_reference_and_rows(T, B, I, H, bias, monkeypatch):
+    """The no-save forward split by units (uneven unit ranges, a tail of fewer than 16 units, odd
+    batches) against the float64 reference and the row parts; which path ran, spied."""
+    if gemm_kernel.parts_for(B) < 2:
+        pytest.skip("one core or one BLAS thread: there is nothing to split")
+    rng = np.random.default_rng(T + B + I + H)
+    a = _inputs(rng, T, B, I, H, bias, False)
+    args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
+    assert lstm_units.preferred(B, I, H, gemm_kernel.parts_for(B))
+    taken = []
+    run = gemm_kernel.run_parts
+    monkeypatch.setattr(gemm_kernel, "run_parts", lambda part, rows: (taken.append(part), run(part, rows)))
+    got = [v.copy() for v in K.lstm_layer_forward(*args, save=False)[:3]]
+    assert taken == [lstm_parts._part(lstm_units._forward_part)]
+    monkeypatch.setattr(lstm_units, "preferred", lambda *s: False)
+    rows = K.lstm_layer_forward(*args, save=False)[:3]
+    assert taken[1] == lstm_parts._part(lstm_parts._forward_part)
+    a64 = {k: None if v is None else v.astype(np.float64) for k, v in a.items()}
+    want = F.lstm_layer_forward(a64["x"], a64["h0"], a64["c0"], a64["W_ih"], a64["W_hh"], a64["b"])[:3]
+    for name, g, r, w in zip(("out", "h_T", "c_T"), got, rows, want):
+        np.testing.assert_allclose(g, w, err_msg=name, **TOL)
+        np.testing.assert_allclose(g, r, err_msg=name, **TOL)
+
+
+def test_barrier_orders_the_steps_of_parts():
+    """Each part writes its half of a vector per step from the sum of the whole previous one: with
+    the barrier every step sees both halves of the step before (without it the halves drift)."""
+    from numba import carray, cfunc, types
+
+    @cfunc(types.void(types.CPointer(types.int64)))
+    def part(arg):
+        a = carray(arg, 5)
+        buf = carray(gemm_kernel.float32_at(a[0]), (2, a[1]))
+        p, steps, n = a[3], a[4], a[1] // 2
+        for t in range(steps):
+            prev, cur = buf[t % 2], buf[(t + 1) % 2]
+            s = np.float32(0)
+            for j in range(a[1]):
+                s += prev[j]
+            for j in range(p * n, (p + 1) * n):
+                cur[j] = s / a[1] + np.float32(1)
+            gemm_kernel.barrier(a[2], 2, t)
+
+    if gemm_kernel._blas_threads() < 2:
+        pytest.skip("one BLAS thread: parts cannot meet")
+    buf = np.zeros((2, 64), np.float32)
+    counter = np.zeros(8, np.int64)
+    steps = 2000
+    rows = np.array([[buf.ctypes.data, 64, counter.ctypes.data, p, steps] for p in range(2)], np.int64)
+    gemm_kernel.run_parts(part, rows)
+    assert counter[0] == 2 * steps
+    np.testing.assert_array_equal(buf[steps % 2], steps)        # the value after `steps` whole steps
+
+
+@pytest.mark.parametrize("layers, bidir", [(1, False), (2, True)])
+def test_module_no_grad_by_units_matches_torch(layers, bidir):
+    """A module's stack under no_grad at a batch the units split takes (B = 50), against torch."""
+    torch = pytest.importorskip("torch")
+    import lstmkit
+    from oracle import assert_close, torch_twin
+    kw = dict(input_size=24, hidden_size=48, num_layers=layers, bidirectional=bidir)
+    ours = LSTM(**kw, dtype=np.float32, seed=5)
+    twin = torch_twin(ours, torch.nn.LSTM, **kw)
+    rng = np.random.default_rng(6)
+    D = 2 if bidir else 1
+    x = rng.standard_normal((7, 50, 24)).astype(np.float32)
+    h0, c0 = (rng.standard_normal((layers * D, 50, 48)).astype(np.float32) for _ in range(2))
+    with lstmkit.no_grad():
+        out, (h_n, c_n) = ours(x, (h0, c0))
+    with torch.no_grad():
+        t_out, (t_hn, t_cn) = twin(*(torch.from_numpy(v) for v in (x,)), tuple(torch.from_numpy(v) for v in (h0, c0)))
+    for got, want, what in ((out, t_out, "output"), (h_n, t_hn, "h_n"), (c_n, t_cn, "c_n")):
+        assert_close(got, want, np.float32, what)
+
+
+def test_units_from_two_threads_at_once():
+    """Two Python threads in the units split at once (each call's parts meet at barriers while the
+    other call waits for OpenBLAS's worker): both finish, with one-at-a-time results."""
+    import threading
+    rng = np.random.default_rng(7)
+    inputs = [_inputs(rng, 6, 50, 10, 32, True, False) for _ in range(2)]
+    assert lstm_units.preferred(50, 10, 32, 2)
+    want = [K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], save=False)[0].copy()
+            for a in inputs]
+    got = [None, None]
+
+    def run(k):
+        for _ in range(30):
+            a = inputs[k]
+            got[k] = K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], save=False)[0].copy()
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a units call hung with another one running"
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)

@@ -1,0 +1,146 @@
+"""The LSTM inference forward (no save) with each step split between the cores by hidden units
+instead of by batch rows (oneDNN's split), for the batch sizes where rows waste the kernel's panels.
+
+Why. OpenBLAS's micro-kernel takes the batch rows of a step's product in panels of 4 (the n side,
+gemm_kernel.py): a part of 25 rows costs what 28 do (measured: 34.3 µs against 30.4 for 24 at
+(G, K) = (512, 128)). lstm_parts.py cuts B = 50 into two parts of 25: 7 panels of the whole G each.
+Cut by units instead, each core runs all 50 rows (13 panels) on its half of the gate rows: 6.5
+panels of G, and only half the weights stream through each core per step. The price: the next step
+needs all of h_t, so the parts meet at a barrier every step (gemm_kernel.barrier, ~0.2 µs).
+lstm_parts.forward takes this path when `preferred` says so; tests/test_lstm_parts.py holds it to
+the reference like the row parts.
+
+Part p owns the units j0:j1 (a multiple of 16 apart, so no two parts write one cache line of a row)
+and the four gate rows of each: its weights are the rows g H + j for g in i, f, g, o, packed once
+(pack_weights), and its gates a private (B, 4 (j1 - j0)) buffer laid out i, f, g, o like a whole
+layer of j1 - j0 units, so lstm_rows' lean kernel runs on it unchanged:
+
+    a^p_t = b^p + x_t W_ih^p^T + h_{t-1} W_hh^p^T          (B, 4 n_p)  two kernel calls, all B rows
+    c_t[:, j0:j1], h_t[:, j0:j1] = the fused gate kernel    then barrier: h_t is whole
+
+Shape letters: T steps, B batch, I input size, H hidden size (= P), G = 4H; n_p = j1 - j0.
+"""
+
+import os
+
+import numpy as np
+from numba import carray
+
+from . import gemm_kernel, scratch
+from .gemm_kernel import barrier, kernel, pack_b_cols, packed_size
+from .gemm_kernel import float32_at as at
+from .jit import _JIT, njit
+from .lstm_rows import _lstm_fwd_row_lean
+
+PANEL = 4       # the kernel's n-side panel: rows of B in fours (measured, gemm_kernel's cores)
+UNIT_STEP = 16  # units per part in multiples of 16 floats: one 64-byte line
+
+
+def _l2_bytes():
+    try:
+        size = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        size = 0
+    return size if size > 0 else 1 << 20
+
+
+L2_BYTES = _l2_bytes()      # one core's L2 (1 MiB on Zen 4; 1-2 MiB on Intel's AVX-512 cores)
+
+
+def preferred(B, I, H, parts):
+    """Whether to split a no-save forward of B rows by units. Measured on two Zen 4 cores
+    (BENCHMARKS.md, "Eighth session"), against the row parts: 0.88x at (50, 50, 512, 512) and
+    0.95-0.98x at (50, 50, 128, 128), where rows would waste panels; 0.93-0.94x at
+    (100, 32, 256, 256) and (100, 64, 512, 512), where they waste none but each core would stream
+    all the weights (2 and 8 MiB packed) past its L2 every step; 1.02-1.03x at (50, 32, 64, 128),
+    whose 0.4 MiB of weights stay in L2 and which wastes no panel. So: units when the row parts run
+    clearly more panels (over all of G) than all B rows over each part's share of the units, or
+    when the weights do not fit in one core's L2."""
+    if parts < 2 or H < UNIT_STEP * parts:
+        return False
+    by_rows = -(-(-(-B // parts)) // PANEL)            # panels of the biggest row part, over all of G
+    by_units = -(-B // PANEL) / parts                   # all rows, over 1/parts of G
+    weights = 4 * H * (I + H) * 4                       # float32 W_ih and W_hh
+    return by_units < 0.95 * by_rows or weights > L2_BYTES
+
+
+def unit_ranges(H, parts):
+    """Each part's units [(j0, j1), ...]: multiples of UNIT_STEP, as even as that allows."""
+    blocks = -(-H // UNIT_STEP)
+    edges = [min(H, UNIT_STEP * (blocks * p // parts)) for p in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _rows_of(H, j0, j1):
+    """The gate rows of units j0:j1, in the order i, f, g, o."""
+    return np.concatenate([np.arange(g * H + j0, g * H + j1) for g in range(4)])
+
+
+def pack_weights(W_ih, W_hh, parts):
+    """[(packed W_ih^p, packed W_hh^p) for each part]: each part's gate rows packed for the kernel."""
+    H = W_hh.shape[1]
+    out = []
+    for j0, j1 in unit_ranges(H, parts):
+        rows = _rows_of(H, j0, j1)
+        out.append(tuple(gemm_kernel.pack_for_xwt(np.ascontiguousarray(W[rows]),
+                                                  scratch.empty(packed_size(len(rows), W.shape[1]), W.dtype))
+                         for W in (W_ih, W_hh)))
+    return out
+
+
+@njit(**_JIT)
+def _forward_units(x, h0, c0, c, out, counter, bias, a_ih, a_hh, gates, b_pack, parts, j0, j1):
+    """Part of units j0:j1, all T steps. c (2, B, H) taking turns as in lstm_parts (the last step
+    writes c[1]); out (T, B, H); counter: the barrier's address; bias (4 n,) and gates (B, 4 n) the
+    part's own."""
+    T, B, I = x.shape
+    H = out.shape[2]
+    G = gates.shape[1]
+    one = np.float32(1.0)
+    for r in range(B):
+        gates[r, :] = bias
+    for t in range(T):
+        hp = h0 if t == 0 else out[t - 1]
+        cp = c0 if t == 0 else c[(t + T - 1) % 2]
+        ct = c[(t + T) % 2]
+        pack_b_cols(I, B, x[t].ctypes.data, I, b_pack.ctypes.data)
+        kernel(G, B, I, one, a_ih.ctypes.data, b_pack.ctypes.data, gates.ctypes.data, G)
+        pack_b_cols(H, B, hp.ctypes.data, H, b_pack.ctypes.data)
+        kernel(G, B, H, one, a_hh.ctypes.data, b_pack.ctypes.data, gates.ctypes.data, G)
+        for r in range(B):     # the lean kernel leaves b in gates for the next step
+            _lstm_fwd_row_lean(gates[r], bias, cp[r, j0:j1], ct[r, j0:j1], out[t, r, j0:j1])
+        barrier(counter, parts, t)
+
+
+def _forward_part(arg):
+    """x, h0, c0, c, out, counter; bias, a_ih, a_hh, gates, b_pack; T, B, I, H, parts; j0, j1."""
+    a = carray(arg, 18)
+    T, B, I, H, parts, j0, j1 = a[11], a[12], a[13], a[14], a[15], a[16], a[17]
+    n = 4 * (j1 - j0)
+    _forward_units(carray(at(a[0]), (T, B, I)), carray(at(a[1]), (B, H)), carray(at(a[2]), (B, H)),
+                   carray(at(a[3]), (2, B, H)), carray(at(a[4]), (T, B, H)), a[5],
+                   carray(at(a[6]), (n,)), carray(at(a[7]), (1,)), carray(at(a[8]), (1,)),
+                   carray(at(a[9]), (B, n)), carray(at(a[10]), (1,)), parts, j0, j1)
+
+
+def forward(x, h0, c0, W_ih, W_hh, bias, out, parts, packed=None):
+    """lstm_parts.forward's contract without save, in `parts` parts (all at once: at most
+    OpenBLAS's threads): gates (a (1, B, G) array of no meaning, as that path's), c (2, B, H) with
+    c[-1] = c_T, out. packed: pack_weights(W_ih, W_hh, parts), when the caller keeps it."""
+    from .lstm_parts import _part, _rows         # (lstm_parts imports this module)
+    T, B, I = x.shape
+    H = W_hh.shape[1]
+    dt = x.dtype
+    assert 2 <= parts <= gemm_kernel._blas_threads(), "the parts meet at barriers: all must run at once"
+    ranges = unit_ranges(H, parts)
+    if packed is None:
+        packed = pack_weights(W_ih, W_hh, parts)
+    c = scratch.empty((2, B, H), dt)
+    counter = scratch.empty((8,), np.int64)       # one cache line of its own
+    counter[:] = 0
+    h0, c0 = (np.ascontiguousarray(v, dtype=dt) for v in (h0, c0))
+    own = [(np.ascontiguousarray(bias[_rows_of(H, j0, j1)]), a_ih, a_hh, scratch.empty((B, 4 * (j1 - j0)), dt),
+            scratch.empty(packed_size(B, max(I, H)), dt)) for (j0, j1), (a_ih, a_hh) in zip(ranges, packed)]
+    rows = _rows((x, h0, c0, c, out, counter), own, (T, B, I, H, parts), ranges)
+    gemm_kernel.run_parts(_part(_forward_part), rows)
+    return np.empty((1, B, 4 * H), dt), c, out
