@@ -175,8 +175,9 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
             gates, c, m, out = _lstm_forward_loop(x, h0, c0, W_ih, W_hh_T, bias, W_hr, save, out)
         h_T, c_T = out[-1].copy(), c[-1].copy()
     if not save:
-        if B > 1:
-            scratch.give(gates.base)     # nothing reads the gates after the loop without a backward
+        if B > 1:     # nothing reads the gates and cell states after the loop without a backward
+            scratch.give(gates.base)
+            scratch.give(c)
         return out, h_T, c_T, None
     cache = scratch.Cache(x=x, h0=h0, c0=c0, W_ih=W_ih, W_hh=W_hh, W_hr=W_hr, has_bias=b is not None,
                           gates=gates, c=c, m=m if proj else None, h=out, W_hh_T=W_hh_T if B == 1 else None)

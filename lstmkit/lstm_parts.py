@@ -216,17 +216,16 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
         a_ih, a_hh = packed.rows()
     # kept arrays (scratch.py), as lstm_fused's loop takes them: the cache's gates and c
     gates = scratch.take((T * B if save else B, G), dt).reshape(-1, B, G)
-    c = scratch.take((T, B, G // 4), dt) if save else scratch.empty((2, B, G // 4), dt)
+    c = scratch.take((T, B, G // 4) if save else (2, B, G // 4), dt)
     h0, c0 = (np.ascontiguousarray(v, dtype=dt) for v in (h0, c0))
     ranges = gemm_kernel.row_ranges(B, parts)
-    packs = [scratch.empty(packed_size(hi - lo, max(I, P)), dt) for lo, hi in ranges]
+    packs = [scratch.take((packed_size(hi - lo, max(I, P)),), dt) for lo, hi in ranges]
     zeros = np.zeros(G, dt)
     rows = _rows((x, h0, c0, bias, a_ih, a_hh, gates, c, out), [(p, zeros) for p in packs],
                  (T, B, I, P, int(save)), ranges)
     gemm_kernel.run_parts(_part(_forward_part), rows)
-    if packed is None:
-        scratch.give(a_ih)
-        scratch.give(a_hh)
+    for a in packs if packed is not None else (*packs, a_ih, a_hh):
+        scratch.give(a)
     return gates, c, out
 
 
@@ -247,17 +246,19 @@ def backward(dout, dh_T, dc_T, cache):
     dh[...] = 0 if dh_T is None else dh_T
     dc[...] = 0 if dc_T is None else dc_T
     ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
-    packs = [(scratch.empty(packed_size(hi - lo, G), dt),) for lo, hi in ranges]
+    packs = [(scratch.take((packed_size(hi - lo, G),), dt),) for lo, hi in ranges]
     rows = _rows((dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc), packs, (T, B, I, P), ranges)
     gemm_kernel.run_parts(_part(_backward_part), rows)
-    scratch.give(a_hh)
-    scratch.give(a_ih)
+    for a in (a_hh, a_ih, *(p for p, in packs)):
+        scratch.give(a)
     dW_ih, dW_hh = scratch.take((G, I), dt), scratch.take((G, P), dt)
     db = scratch.empty(G if cache["has_bias"] else 0, dt)
     g_ranges = gemm_kernel.row_ranges(G, len(ranges))
-    bufs = [(scratch.empty(packed_size(max(I, P), gemm_kernel.KC), dt), scratch.empty(packed_size(hi - lo, gemm_kernel.KC), dt))
+    bufs = [(scratch.take((packed_size(max(I, P), gemm_kernel.KC),), dt),
+             scratch.take((packed_size(hi - lo, gemm_kernel.KC),), dt))
             for lo, hi in g_ranges]
     rows = _rows((dgates, x, h0, h, dW_ih, dW_hh, db), bufs, (T, B, I, P, int(h0.any()), db.size), g_ranges)
     gemm_kernel.run_parts(_part(_weight_part), rows)
-    scratch.give(dgates.base)
+    for a in (dgates.base, *(a for pair in bufs for a in pair)):
+        scratch.give(a)
     return dx, dh, dc, dW_ih, dW_hh, (db if cache["has_bias"] else None)

@@ -135,12 +135,17 @@ def forward(x, h0, c0, W_ih, W_hh, bias, out, parts, packed=None):
     ranges = unit_ranges(H, parts)
     if packed is None:
         packed = pack_weights(W_ih, W_hh, parts)
-    c = scratch.empty((2, B, H), dt)
-    counter = scratch.empty((8,), np.int64)       # one cache line of its own
+    c = scratch.take((2, B, H), dt)                 # returned; lstm_fused gives it back
+    counter = scratch.take((8,), np.int64)          # one cache line of its own
     counter[:] = 0
     h0, c0 = (np.ascontiguousarray(v, dtype=dt) for v in (h0, c0))
-    own = [(np.ascontiguousarray(bias[_rows_of(H, j0, j1)]), a_ih, a_hh, scratch.empty((B, 4 * (j1 - j0)), dt),
-            scratch.empty(packed_size(B, max(I, H)), dt)) for (j0, j1), (a_ih, a_hh) in zip(ranges, packed)]
+    gates = [scratch.take((B, 4 * (j1 - j0)), dt) for j0, j1 in ranges]
+    packs = [scratch.take((packed_size(B, max(I, H)),), dt) for _ in ranges]
+    own = [(np.ascontiguousarray(bias[_rows_of(H, j0, j1)]), a_ih, a_hh, g, b_pack)
+           for (j0, j1), (a_ih, a_hh), g, b_pack in zip(ranges, packed, gates, packs)]
     rows = _rows((x, h0, c0, c, out, counter), own, (T, B, I, H, parts), ranges)
     gemm_kernel.run_parts(_part(_forward_part), rows)
-    return np.empty((1, B, 4 * H), dt), c, out
+    for a in (*gates, *packs, counter):
+        scratch.give(a)
+    # lstm_parts.forward's gates without save: a (1, B, G) array that the caller gives back
+    return scratch.take((B, 4 * H), dt).reshape(1, B, 4 * H), c, out

@@ -24,6 +24,7 @@ them to the pool at its next call only when the caller has let go of them (hold/
 Shape letters: T steps, B batch, H hidden size.
 """
 
+import math
 import sys
 import threading
 import weakref
@@ -44,8 +45,14 @@ _free = OrderedDict()     # (shape, dtype) -> [arrays]
 _lock = threading.RLock()
 
 
+_DTYPE_STR = {}   # dtype (as given) -> its .str: np.dtype() is slow for a per-call key
+
+
 def _key(shape, dtype):
-    return tuple(int(n) for n in shape), np.dtype(dtype).str
+    s = _DTYPE_STR.get(dtype)
+    if s is None:
+        s = _DTYPE_STR[dtype] = np.dtype(dtype).str
+    return tuple(map(int, shape)), s
 
 
 # ---------------------------------------------------------------------- cache-line aligned arrays
@@ -59,19 +66,37 @@ def _key(shape, dtype):
 # dies), so that give() can keep such a view, or the buffer itself (what .base of a reshape of one
 # is), as it keeps an array that owns its memory.
 LINE = 64
-_aligned = {}     # id(buffer) -> (weakref to its aligned view, byte offset, shape, dtype)
+# id(buffer) -> (weakref to the buffer, weakref to its aligned view, byte offset, shape, dtype); an
+# entry whose buffer is gone is stale (its id may come back for another object), pruned in bulk
+_aligned = {}
+_PRUNE_AT = [1024]
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
 
 
 def empty(shape, dtype):
     """np.empty(shape, dtype) starting on a LINE-byte boundary."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
     buf = np.empty(nbytes + LINE, np.uint8)
-    off = -buf.ctypes.data % LINE
+    off = -_address(buf) % LINE
     a = buf[off:off + nbytes].view(dtype).reshape(shape)
-    _aligned[id(buf)] = (weakref.ref(a), off, a.shape, dtype)
-    weakref.finalize(buf, _aligned.pop, id(buf), None)
+    with _lock:
+        if len(_aligned) >= _PRUNE_AT[0]:
+            for k in [k for k, e in _aligned.items() if e[0]() is None]:
+                del _aligned[k]
+            _PRUNE_AT[0] = max(1024, 2 * len(_aligned))
+        _aligned[id(buf)] = (weakref.ref(buf), weakref.ref(a), off, a.shape, dtype)
     return a
+
+
+def _entry(buf):
+    """buf's registry entry if buf is one of empty()'s buffers, else None."""
+    e = _aligned.get(id(buf))
+    return e if e is not None and e[0]() is buf else None
 
 
 def _keepable(a):
@@ -79,17 +104,24 @@ def _keepable(a):
     for what must not be kept: a view of part of an array, or of memory not ours."""
     if not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
         return None
-    buf = a if id(a) in _aligned else a.base
-    entry = _aligned.get(id(buf)) if buf is not None else None
-    if entry is None:
-        return a if a.base is None else None
-    ref, off, shape, dtype = entry
-    if a is not buf and (a.ctypes.data != buf.ctypes.data + off or a.nbytes != buf.nbytes - LINE):
-        return None
-    view = ref()
+    if a.base is None:
+        e = _entry(a)
+        if e is None:
+            return a            # an array that owns its memory
+        buf = a
+    else:
+        buf = a.base
+        e = _entry(buf)
+        if e is None:
+            return None         # a view of memory not ours
+        if e[1]() is a:
+            return a            # the aligned view itself
+        if _address(a) != _address(buf) + e[2] or a.nbytes != buf.nbytes - LINE:
+            return None         # a view of part of it
+    view = e[1]()
     if view is None:            # the first view is gone (a reshape of it kept the buffer alive)
-        view = buf[off:off + buf.nbytes - LINE].view(dtype).reshape(shape)
-        _aligned[id(buf)] = (weakref.ref(view), off, shape, dtype)
+        view = buf[e[2]:e[2] + buf.nbytes - LINE].view(e[4]).reshape(e[3])
+        _aligned[id(buf)] = (e[0], weakref.ref(view), *e[2:])
     return view
 
 
