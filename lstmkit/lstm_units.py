@@ -1,11 +1,13 @@
 """The LSTM inference forward (no save) with each step split between the cores by hidden units
-instead of by batch rows (oneDNN's split), for the batch sizes where rows waste the kernel's panels.
+instead of by batch rows (oneDNN's split), where the row parts lose: batch sizes whose rows waste
+the kernel's panels, and weights too big for one core's L2.
 
 Why. OpenBLAS's micro-kernel takes the batch rows of a step's product in panels of 4 (the n side,
 gemm_kernel.py): a part of 25 rows costs what 28 do (measured: 34.3 µs against 30.4 for 24 at
 (G, K) = (512, 128)). lstm_parts.py cuts B = 50 into two parts of 25: 7 panels of the whole G each.
 Cut by units instead, each core runs all 50 rows (13 panels) on its half of the gate rows: 6.5
-panels of G, and only half the weights stream through each core per step. The price: the next step
+panels of G; and only half the weights stream through each core per step, which pays wherever the
+weights do not fit in its L2, whatever the batch. The price: the next step
 needs all of h_t, so the parts meet at a barrier every step (gemm_kernel.barrier, ~0.2 µs).
 lstm_parts.forward takes this path when `preferred` says so; tests/test_lstm_parts.py holds it to
 the reference like the row parts.
@@ -58,8 +60,9 @@ def preferred(B, I, H, parts):
     when the weights do not fit in one core's L2."""
     if parts < 2 or H < UNIT_STEP * parts:
         return False
-    by_rows = -(-(-(-B // parts)) // PANEL)            # panels of the biggest row part, over all of G
-    by_units = -(-B // PANEL) / parts                   # all rows, over 1/parts of G
+    biggest_part = -(-B // parts)                       # rows, rounded up
+    by_rows = -(-biggest_part // PANEL)                 # its panels, each over all of G
+    by_units = -(-B // PANEL) / parts                   # all rows' panels, each over 1/parts of G
     weights = 4 * H * (I + H) * 4                       # float32 W_ih and W_hh
     return by_units < 0.95 * by_rows or weights > L2_BYTES
 
@@ -131,7 +134,9 @@ def forward(x, h0, c0, W_ih, W_hh, bias, out, parts, packed=None):
     T, B, I = x.shape
     H = W_hh.shape[1]
     dt = x.dtype
-    assert 2 <= parts <= gemm_kernel._blas_threads(), "the parts meet at barriers: all must run at once"
+    if not 2 <= parts <= gemm_kernel._blas_threads():     # a part that waits for a free thread never meets
+        raise RuntimeError(f"lstm_units: {parts} parts need as many OpenBLAS threads at once, "
+                           f"{gemm_kernel._blas_threads()} available")
     ranges = unit_ranges(H, parts)
     if packed is None:
         packed = pack_weights(W_ih, W_hh, parts)
