@@ -163,12 +163,16 @@ def test_run_parts_runs_every_row_once_on_openblas_threads():
     np.testing.assert_array_equal(out, [2, 2, 3, 4, 5])
 
 
-def test_layers_called_from_two_threads_at_once():
-    """Two Python threads in the parts at the same time share OpenBLAS's workers: both finish, with
-    the same results as one at a time."""
+@pytest.mark.parametrize("B, H, split", [(24, 12, "rows"), (50, 32, "units")])
+def test_layers_called_from_two_threads_at_once(B, H, split):
+    """Two Python threads in the parts at the same time share OpenBLAS's workers (for the units
+    split, each call's parts meet at barriers while the other call waits for a worker): both
+    finish, with the same results as one at a time."""
     import threading
+    from lstmkit import lstm_units
+    assert lstm_units.preferred(B, 10, H, 2) == (split == "units")
     rng = np.random.default_rng(5)
-    inputs = [_inputs(rng, 6, 24, 10, 12, True, False) for _ in range(2)]
+    inputs = [_inputs(rng, 6, B, 10, H, True, False) for _ in range(2)]
     want = [K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], save=False)[0].copy()
             for a in inputs]
     got = [None, None]
@@ -358,32 +362,6 @@ def test_module_no_grad_by_units_matches_torch(layers, bidir):
     with lstmkit.no_grad():
         out, (h_n, c_n) = ours(x, (h0, c0))
     with torch.no_grad():
-        t_out, (t_hn, t_cn) = twin(*(torch.from_numpy(v) for v in (x,)), tuple(torch.from_numpy(v) for v in (h0, c0)))
+        t_out, (t_hn, t_cn) = twin(torch.from_numpy(x), (torch.from_numpy(h0), torch.from_numpy(c0)))
     for got, want, what in ((out, t_out, "output"), (h_n, t_hn, "h_n"), (c_n, t_cn, "c_n")):
         assert_close(got, want, np.float32, what)
-
-
-def test_units_from_two_threads_at_once():
-    """Two Python threads in the units split at once (each call's parts meet at barriers while the
-    other call waits for OpenBLAS's worker): both finish, with one-at-a-time results."""
-    import threading
-    rng = np.random.default_rng(7)
-    inputs = [_inputs(rng, 6, 50, 10, 32, True, False) for _ in range(2)]
-    assert lstm_units.preferred(50, 10, 32, 2)
-    want = [K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], save=False)[0].copy()
-            for a in inputs]
-    got = [None, None]
-
-    def run(k):
-        for _ in range(30):
-            a = inputs[k]
-            got[k] = K.lstm_layer_forward(a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"], save=False)[0].copy()
-
-    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "a units call hung with another one running"
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
