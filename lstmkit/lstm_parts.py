@@ -1,7 +1,8 @@
 """The LSTM layer for B > 1 in float32 without projection, on OpenBLAS's micro-kernel with the
 weights packed once per call, the batch cut in parts that run side by side, one per core
 (gemm_kernel.py says why). The same equations as lstm_fused.py, whose fused row kernels it runs;
-tests/test_lstm_parts.py holds the two paths against each other and the reference.
+tests/test_lstm_parts.py holds the two paths against each other and the reference. A forward
+without save may instead split each step by hidden units (lstm_units.py, which says when).
 
 Shape letters
     T   time steps      B   batch        I   input size
@@ -197,8 +198,8 @@ def pack_weights(W_ih, W_hh):
 def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
     """lstm_fused._lstm_forward_loop's contract (no projection): gates, c, out. packed: what
     pack_weights(W_ih, W_hh) returns, when the caller keeps it; else the weights are packed here.
-    Without save, a batch that the row parts would cut into wasteful panels (lstm_units.preferred)
-    runs lstm_units.py's split by units instead."""
+    Without save, a batch that the row parts would cut into wasteful panels, or whose weights
+    outgrow one core's L2 (lstm_units.preferred), runs lstm_units.py's split by units instead."""
     T, B, I = x.shape
     G, P = W_hh.shape
     dt = x.dtype
