@@ -281,15 +281,24 @@ def _pool_runner():
 _RUN_ON_POOL = _pool_runner()
 
 
-def run_parts(part, rows):
+# OpenBLAS's thread count when lstmkit was imported: its pool of workers has at least that many
+# (a later openblas_set_num_threads lowers the count it uses, not the workers it made)
+POOL_THREADS = _blas_threads()
+
+
+def run_parts(part, rows, together=False):
     """part(row p of rows) for every part at once: `part` a Numba cfunc taking a pointer to one
     int64 row (its arrays' addresses and its sizes), rows an int64 array (parts, fields) kept alive
     by the caller. The parts run on OpenBLAS's own threads: its workers are the ones NumPy's
     multi-threaded products use, so nothing else competes for the cores (threads of our own lost up
     to 2x to those workers, which spin ~0.1 s after every such product), and a worker still
-    spinning takes its part at once. Parts must not call NumPy's BLAS (they run inside it)."""
-    threads = _blas_threads() if _RUN_ON_POOL is not None else 1
+    spinning takes its part at once. Parts must not call NumPy's BLAS (they run inside it).
+    together: all parts at once whatever OpenBLAS's thread count is now, for parts that wait for
+    each other (lstm_units' barrier): blas._single_blas_thread in another Python thread lowers that
+    count for a moment, and parts run in waves of it would leave the first wave waiting forever.
+    The caller keeps them at most POOL_THREADS."""
     rows = np.ascontiguousarray(rows, dtype=np.int64)
+    threads = (rows.shape[0] if together else _blas_threads()) if _RUN_ON_POOL is not None else 1
     # never more parts at once than OpenBLAS has threads: more waited for a free worker forever
     for first in range(0, rows.shape[0], threads):
         n = min(threads, rows.shape[0] - first)

@@ -134,9 +134,9 @@ def forward(x, h0, c0, W_ih, W_hh, bias, out, parts, packed=None):
     T, B, I = x.shape
     H = W_hh.shape[1]
     dt = x.dtype
-    if not 2 <= parts <= gemm_kernel._blas_threads():     # a part that waits for a free thread never meets
+    if not 2 <= parts <= gemm_kernel.POOL_THREADS:     # a part that waits for a free thread never meets
         raise RuntimeError(f"lstm_units: {parts} parts need as many OpenBLAS threads at once, "
-                           f"{gemm_kernel._blas_threads()} available")
+                           f"{gemm_kernel.POOL_THREADS} in its pool")
     ranges = unit_ranges(H, parts)
     if packed is None:
         packed = pack_weights(W_ih, W_hh, parts)
@@ -149,7 +149,7 @@ def forward(x, h0, c0, W_ih, W_hh, bias, out, parts, packed=None):
     own = [(np.ascontiguousarray(bias[_rows_of(H, j0, j1)]), a_ih, a_hh, g, b_pack)
            for (j0, j1), (a_ih, a_hh), g, b_pack in zip(ranges, packed, gates, packs)]
     rows = _rows((x, h0, c0, c, out, counter), own, (T, B, I, H, parts), ranges)
-    gemm_kernel.run_parts(_part(_forward_part), rows)
+    gemm_kernel.run_parts(_part(_forward_part), rows, together=True)
     for a in (*gates, *packs, counter):
         scratch.give(a)
     # lstm_parts.forward's gates without save: a (1, B, G) array that the caller gives back

@@ -53,7 +53,8 @@ def test_parts_match_reference_and_lstm_fused(T, B, I, H, bias, h0_zero, final_g
                   if final_grads else (None, None))
     taken = []
     run = gemm_kernel.run_parts
-    monkeypatch.setattr(gemm_kernel, "run_parts", lambda part, rows: (taken.append((part, len(rows))), run(part, rows)))
+    monkeypatch.setattr(gemm_kernel, "run_parts",
+                        lambda part, rows, **kw: (taken.append((part, len(rows))), run(part, rows, **kw)))
     values, grads = _run(a, dout, dh_T, dc_T)
     n = gemm_kernel.parts_for(B)
     part = lstm_parts._part
@@ -303,7 +304,7 @@ def test_units_match_reference_and_rows(T, B, I, H, bias, monkeypatch):
     assert lstm_units.preferred(B, I, H, gemm_kernel.parts_for(B))
     taken = []
     run = gemm_kernel.run_parts
-    monkeypatch.setattr(gemm_kernel, "run_parts", lambda part, rows: (taken.append(part), run(part, rows)))
+    monkeypatch.setattr(gemm_kernel, "run_parts", lambda part, rows, **kw: (taken.append(part), run(part, rows, **kw)))
     got = [v.copy() for v in K.lstm_layer_forward(*args, save=False)[:3]]
     assert taken == [lstm_parts._part(lstm_units._forward_part)]
     monkeypatch.setattr(lstm_units, "preferred", lambda *s: False)
@@ -365,3 +366,28 @@ def test_module_no_grad_by_units_matches_torch(layers, bidir):
         t_out, (t_hn, t_cn) = twin(torch.from_numpy(x), (torch.from_numpy(h0), torch.from_numpy(c0)))
     for got, want, what in ((out, t_out, "output"), (h_n, t_hn, "h_n"), (c_n, t_cn, "c_n")):
         assert_close(got, want, np.float32, what)
+
+
+def test_units_run_together_while_another_thread_lowers_blas_threads(monkeypatch):
+    """blas._single_blas_thread in another Python thread sets OpenBLAS to one thread for a moment;
+    the units split's parts wait for each other every step, so they must still start together (run
+    in waves of the lowered count, the first would wait forever). Here the count reads 1 throughout
+    the call: it finishes, with the same numbers."""
+    import threading
+    rng = np.random.default_rng(8)
+    a = _inputs(rng, 5, 50, 10, 32, True, False)
+    args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
+    assert lstm_units.preferred(50, 10, 32, 2)
+    want = K.lstm_layer_forward(*args, save=False)[0].copy()
+    real_parts_for = gemm_kernel.parts_for
+    monkeypatch.setattr(gemm_kernel, "parts_for", lambda B: real_parts_for(B))   # decided at two threads ...
+    parts = gemm_kernel.parts_for(50)
+    monkeypatch.setattr(gemm_kernel, "_blas_threads", lambda: 1)                 # ... run at one
+    monkeypatch.setattr(gemm_kernel, "parts_for", lambda B: parts)
+    got = []
+    t = threading.Thread(target=lambda: got.append(K.lstm_layer_forward(*args, save=False)[0].copy()), daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "the units split hung with OpenBLAS's thread count lowered"
+    np.testing.assert_array_equal(got[0], want)
+
