@@ -207,7 +207,8 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
     if out is None:
         out = scratch.empty((T, B, P), dt)
     bias = np.ascontiguousarray(bias, dtype=dt)
-    if not save and lstm_units.preferred(B, I, P, parts):
+    # (the units' parts wait for each other: never more than OpenBLAS's pool is sure to run at once)
+    if not save and parts <= gemm_kernel.POOL_THREADS and lstm_units.preferred(B, I, P, parts):
         return lstm_units.forward(x, h0, c0, W_ih, W_hh, bias, out, parts,
                                   None if packed is None else packed.units(parts))
     if packed is None:

@@ -391,3 +391,19 @@ def test_units_run_together_while_another_thread_lowers_blas_threads(monkeypatch
     assert not t.is_alive(), "the units split hung with OpenBLAS's thread count lowered"
     np.testing.assert_array_equal(got[0], want)
 
+
+def test_units_never_take_more_parts_than_the_pool_had(monkeypatch):
+    """More parts than OpenBLAS's pool had at import (the user raised its thread count since): the
+    row parts run the call instead of the units split, which needs all parts at once."""
+    rng = np.random.default_rng(9)
+    a = _inputs(rng, 4, 50, 10, 32, True, False)
+    args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
+    want = K.lstm_layer_forward(*args, save=False)[0].copy()
+    monkeypatch.setattr(gemm_kernel, "POOL_THREADS", 1)
+    taken = []
+    run = gemm_kernel.run_parts
+    monkeypatch.setattr(gemm_kernel, "run_parts", lambda part, rows, **kw: (taken.append(part), run(part, rows, **kw)))
+    got = K.lstm_layer_forward(*args, save=False)[0]
+    assert taken == [lstm_parts._part(lstm_parts._forward_part)]
+    np.testing.assert_allclose(got, want, **TOL)
+
