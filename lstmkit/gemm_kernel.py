@@ -37,6 +37,7 @@ import platform
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import blas
@@ -223,8 +224,8 @@ def _atomic_load(typingctx, address):
 def _spin_pause(typingctx):
     """x86's pause: a spinning core yields its pipeline to the other hyper-thread and saves power."""
     def codegen(context, builder, signature, args):
-        fn = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause") \
-            if "llvm.x86.sse2.pause" not in builder.module.globals else builder.module.globals["llvm.x86.sse2.pause"]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                            "llvm.x86.sse2.pause")
         builder.call(fn, [])
         return context.get_dummy_value()
     return types.none(), codegen

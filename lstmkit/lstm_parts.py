@@ -206,7 +206,7 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
     parts = gemm_kernel.parts_for(B)
     if out is None:
         out = scratch.empty((T, B, P), dt)
-    bias = np.ascontiguousarray(bias, dtype=dt)
+    h0, c0, bias = (np.ascontiguousarray(v, dtype=dt) for v in (h0, c0, bias))
     # (the units' parts wait for each other: never more than OpenBLAS's pool is sure to run at once)
     if not save and parts <= gemm_kernel.POOL_THREADS and lstm_units.preferred(B, I, P, parts):
         return lstm_units.forward(x, h0, c0, W_ih, W_hh, bias, out, parts,
@@ -219,7 +219,6 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
     # kept arrays (scratch.py), as lstm_fused's loop takes them: the cache's gates and c
     gates = scratch.take((T * B if save else B, G), dt).reshape(-1, B, G)
     c = scratch.take((T, B, G // 4) if save else (2, B, G // 4), dt)
-    h0, c0 = (np.ascontiguousarray(v, dtype=dt) for v in (h0, c0))
     ranges = gemm_kernel.row_ranges(B, parts)
     packs = [scratch.take((packed_size(hi - lo, max(I, P)),), dt) for lo, hi in ranges]
     zeros = np.zeros(G, dt)

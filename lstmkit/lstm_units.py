@@ -85,9 +85,8 @@ def pack_weights(W_ih, W_hh, parts):
     out = []
     for j0, j1 in unit_ranges(H, parts):
         rows = _rows_of(H, j0, j1)
-        out.append(tuple(gemm_kernel.pack_for_xwt(np.ascontiguousarray(W[rows]),
-                                                  scratch.empty(packed_size(len(rows), W.shape[1]), W.dtype))
-                         for W in (W_ih, W_hh)))
+        out.append(tuple(gemm_kernel.pack_for_xwt(W[rows], scratch.empty(packed_size(len(rows), W.shape[1]), W.dtype))
+                         for W in (W_ih, W_hh)))     # W[rows]: a C-contiguous copy of the part's rows
     return out
 
 
@@ -127,7 +126,8 @@ def _forward_part(arg):
 
 
 def forward(x, h0, c0, W_ih, W_hh, bias, out, parts, packed=None):
-    """lstm_parts.forward's contract without save, in `parts` parts (all at once: at most
+    """lstm_parts.forward's contract without save (h0, c0, bias C-contiguous of x's dtype, as it
+    passes them), in `parts` parts (all at once: at most
     OpenBLAS's threads): gates (a (1, B, G) array of no meaning, as that path's), c (2, B, H) with
     c[-1] = c_T, out. packed: pack_weights(W_ih, W_hh, parts), when the caller keeps it."""
     from .lstm_parts import _part, _rows         # (lstm_parts imports this module)
@@ -143,10 +143,9 @@ def forward(x, h0, c0, W_ih, W_hh, bias, out, parts, packed=None):
     c = scratch.take((2, B, H), dt)                 # returned; lstm_fused gives it back
     counter = scratch.take((8,), np.int64)          # one cache line of its own
     counter[:] = 0
-    h0, c0 = (np.ascontiguousarray(v, dtype=dt) for v in (h0, c0))
     gates = [scratch.take((B, 4 * (j1 - j0)), dt) for j0, j1 in ranges]
     packs = [scratch.take((packed_size(B, max(I, H)),), dt) for _ in ranges]
-    own = [(np.ascontiguousarray(bias[_rows_of(H, j0, j1)]), a_ih, a_hh, g, b_pack)
+    own = [(bias[_rows_of(H, j0, j1)], a_ih, a_hh, g, b_pack)
            for (j0, j1), (a_ih, a_hh), g, b_pack in zip(ranges, packed, gates, packs)]
     rows = _rows((x, h0, c0, c, out, counter), own, (T, B, I, H, parts), ranges)
     gemm_kernel.run_parts(_part(_forward_part), rows, together=True)

@@ -61,9 +61,10 @@ def softmax_cross_entropy_forward(z, y, overwrite=False):
     overwrite: z may be overwritten (the caller has no further use for it). softmax_fused.py is
     the fast path (one pass per row, the gradient made there); this is the readable form."""
     y = np.asarray(y)
-    if y.size and (y.min() < 0 or y.max() >= z.shape[-1]):
-        bad = y.min() if y.min() < 0 else y.max()
-        raise IndexError(f"target {bad} is out of range: the logits have {z.shape[-1]} classes (0..{z.shape[-1] - 1})")
+    V = z.shape[-1]
+    lo, hi = (y.min(), y.max()) if y.size else (0, 0)
+    if lo < 0 or hi >= V:
+        raise IndexError(f"target {lo if lo < 0 else hi} is out of range: the logits have {V} classes (0..{V - 1})")
     fused = softmax_fused.cross_entropy(z, y, overwrite)
     if fused is not None:
         loss, dz = fused

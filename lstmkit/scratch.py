@@ -62,8 +62,8 @@ def _key(shape, dtype):
 # is written by both every step, and every row's vector loads and stores straddle lines. Arrays
 # that start on a 64-byte line: 5-7% faster forward at (50, 32, 64, 128) and (50, 50, 128, 128)
 # (BENCHMARKS.md, "Eighth session"). A NumPy array cannot own memory it did not allocate, so these
-# are views of a slightly larger byte buffer; `_aligned` knows those buffers (by id, dropped when one
-# dies), so that give() can keep such a view, or the buffer itself (what .base of a reshape of one
+# are views of a slightly larger byte buffer; `_aligned` knows those buffers (by id, checked against
+# a weak reference, stale entries pruned in bulk), so that give() can keep such a view, or the buffer itself (what .base of a reshape of one
 # is), as it keeps an array that owns its memory.
 LINE = 64
 # id(buffer) -> (weakref to the buffer, weakref to its aligned view, byte offset, shape, dtype); an
