@@ -1,6 +1,8 @@
-"""The LSTM layer for B > 1 in float32 without projection, on OpenBLAS's micro-kernel with the
+"""The LSTM layer for B > 1 in float32 without projection, on a matrix-product micro-kernel with the
 weights packed once per call, the batch cut in parts that run side by side, one per core
-(gemm_kernel.py says why). The same equations as lstm_fused.py, whose fused row kernels it runs;
+(gemm_kernel.py says why). The kernel is tile_gemm.py's register tile wherever a product's output
+columns are whole panels of its (G forward; H and I backward: with AVX-512, multiples of 64),
+OpenBLAS's own elsewhere. The same equations as lstm_fused.py, whose fused row kernels it runs;
 tests/test_lstm_parts.py holds the two paths against each other and the reference. A forward
 without save may instead split each step by hidden units (lstm_units.py, which says when).
 
@@ -22,11 +24,12 @@ then the weight gradients, the parts split by gate rows: dW_ih = Σ_t da_t^T x_t
 import numpy as np
 from numba import carray, cfunc, types
 
-from . import gemm_kernel, lstm_units, scratch
+from . import gemm_kernel, lstm_units, scratch, tile_gemm
 from .gemm_kernel import add_dt_y, kernel, pack_b_cols, packed_size
 from .gemm_kernel import float32_at as at
 from .jit import _JIT, _add2, njit
 from .lstm_rows import _lstm_bwd_row, _lstm_fwd_row, _lstm_fwd_row_lean
+from .tile_gemm import xwt_add
 
 # A batch below this runs lstm_fused.py's path: with fewer rows than two parts' worth, one core
 # would do the work that BLAS's two threads share there.
@@ -40,14 +43,25 @@ def usable(dtype, B, proj):
 
 
 @njit(**_JIT)
-def _forward_rows(x, h0, c0, bias, a_ih, a_hh, gates, c, out, save, r0, r1, b_pack, zeros):
+def _xwt_add(tile, M, n, K, a, x, ldx, c, ldc, b_pack):
+    """C (n, M) += X (n, K) A^T with C's row stride ldc: tile_gemm's tile on its packed A (tile),
+    or OpenBLAS's kernel on its own (X packed into b_pack first)."""
+    if tile:
+        xwt_add(M, n, K, a.ctypes.data, x.ctypes.data, ldx, c.ctypes.data, ldc)
+    else:
+        pack_b_cols(K, n, x.ctypes.data, ldx, b_pack.ctypes.data)
+        kernel(M, n, K, np.float32(1.0), a.ctypes.data, b_pack.ctypes.data, c.ctypes.data, ldc)
+
+
+@njit(**_JIT)
+def _forward_rows(x, h0, c0, bias, a_ih, a_hh, gates, c, out, save, r0, r1, b_pack, zeros, tile):
     """Rows r0:r1, all T steps. gates (T, B, G) or (1, B, G) without save; c (T, B, H) or (2, B, H)
-    without save, the steps taking turns so that the last one writes c[1] = c[-1]; out (T, B, H)."""
+    without save, the steps taking turns so that the last one writes c[1] = c[-1]; out (T, B, H).
+    tile: a_ih, a_hh packed by tile_gemm (else by OpenBLAS, for its kernel)."""
     T, B, I = x.shape
     P = out.shape[2]
     G = bias.shape[0]
     n = r1 - r0
-    one = np.float32(1.0)
     for t in range(T):
         a = gates[t] if save else gates[0]
         ct = c[t] if save else c[(t + T) % 2]
@@ -56,10 +70,8 @@ def _forward_rows(x, h0, c0, bias, a_ih, a_hh, gates, c, out, save, r0, r1, b_pa
         if save or t == 0:      # without save the lean row kernel leaves b in a for the next step
             for r in range(r0, r1):
                 a[r, :] = bias
-        pack_b_cols(I, n, x[t, r0].ctypes.data, I, b_pack.ctypes.data)
-        kernel(G, n, I, one, a_ih.ctypes.data, b_pack.ctypes.data, a[r0].ctypes.data, G)
-        pack_b_cols(P, n, hp[r0].ctypes.data, P, b_pack.ctypes.data)
-        kernel(G, n, P, one, a_hh.ctypes.data, b_pack.ctypes.data, a[r0].ctypes.data, G)
+        _xwt_add(tile, G, n, I, a_ih, x[t, r0], I, a[r0], G, b_pack)
+        _xwt_add(tile, G, n, P, a_hh, hp[r0], P, a[r0], G, b_pack)
         for r in range(r0, r1):
             if save:
                 _lstm_fwd_row(a[r], zeros, zeros, cp[r], ct[r], out[t, r])
@@ -68,9 +80,9 @@ def _forward_rows(x, h0, c0, bias, a_ih, a_hh, gates, c, out, save, r0, r1, b_pa
 
 
 @njit(**_JIT)
-def _backward_rows(dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc, r0, r1, b_pack):
+def _backward_rows(dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc, r0, r1, b_pack, tile_h, tile_x):
     """Rows r0:r1, all T steps in reverse. dh, dc (B, H) in: the gradients at h_T, c_T; out: at
-    h0, c0. dgates (T, B, G), dx (T, B, I) out."""
+    h0, c0. dgates (T, B, G), dx (T, B, I) out. tile_h, tile_x: a_hh, a_ih packed by tile_gemm."""
     T, B, G = gates.shape
     I = dx.shape[2]
     P = dh.shape[1]
@@ -82,9 +94,16 @@ def _backward_rows(dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc, r0, r1, b
             _lstm_bwd_row(gates[t, r], c[t, r], cp[r], dout[t, r], dh[r], dc[r], dgates[t, r])
             dh[r, :] = 0
             dx[t, r, :] = 0
-        pack_b_cols(G, n, dgates[t, r0].ctypes.data, G, b_pack.ctypes.data)
-        kernel(P, n, G, one, a_hh.ctypes.data, b_pack.ctypes.data, dh[r0].ctypes.data, P)
-        kernel(I, n, G, one, a_ih.ctypes.data, b_pack.ctypes.data, dx[t, r0].ctypes.data, I)
+        if not (tile_h and tile_x):     # OpenBLAS's kernel reads da_t packed, once for both
+            pack_b_cols(G, n, dgates[t, r0].ctypes.data, G, b_pack.ctypes.data)
+        if tile_h:
+            xwt_add(P, n, G, a_hh.ctypes.data, dgates[t, r0].ctypes.data, G, dh[r0].ctypes.data, P)
+        else:
+            kernel(P, n, G, one, a_hh.ctypes.data, b_pack.ctypes.data, dh[r0].ctypes.data, P)
+        if tile_x:
+            xwt_add(I, n, G, a_ih.ctypes.data, dgates[t, r0].ctypes.data, G, dx[t, r0].ctypes.data, I)
+        else:
+            kernel(I, n, G, one, a_ih.ctypes.data, b_pack.ctypes.data, dx[t, r0].ctypes.data, I)
 
 
 @njit(**_JIT)
@@ -126,25 +145,26 @@ def _part(fn):
 
 
 def _forward_part(arg):
-    """x, h0, c0, bias, a_ih, a_hh, gates, c, out, b_pack, zeros; T, B, I, H, save, r0, r1."""
-    a = carray(arg, 18)
-    T, B, I, H, save, r0, r1 = a[11], a[12], a[13], a[14], a[15], a[16], a[17]
+    """x, h0, c0, bias, a_ih, a_hh, gates, c, out, b_pack, zeros; T, B, I, H, save, tile, r0, r1."""
+    a = carray(arg, 19)
+    T, B, I, H, save, tile, r0, r1 = a[11], a[12], a[13], a[14], a[15], a[16], a[17], a[18]
     G = 4 * H
     _forward_rows(carray(at(a[0]), (T, B, I)), carray(at(a[1]), (B, H)), carray(at(a[2]), (B, H)),
                   carray(at(a[3]), (G,)), carray(at(a[4]), (1,)), carray(at(a[5]), (1,)),
                   carray(at(a[6]), (T if save else 1, B, G)), carray(at(a[7]), (T if save else 2, B, H)),
-                  carray(at(a[8]), (T, B, H)), save != 0, r0, r1, carray(at(a[9]), (1,)), carray(at(a[10]), (G,)))
+                  carray(at(a[8]), (T, B, H)), save != 0, r0, r1, carray(at(a[9]), (1,)), carray(at(a[10]), (G,)),
+                  tile != 0)
 
 
 def _backward_part(arg):
-    """dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc, b_pack; T, B, I, H, r0, r1."""
-    a = carray(arg, 17)
-    T, B, I, H, r0, r1 = a[11], a[12], a[13], a[14], a[15], a[16]
+    """dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc, b_pack; T, B, I, H, tile_h, tile_x, r0, r1."""
+    a = carray(arg, 19)
+    T, B, I, H, tile_h, tile_x, r0, r1 = a[11], a[12], a[13], a[14], a[15], a[16], a[17], a[18]
     G = 4 * H
     _backward_rows(carray(at(a[0]), (T, B, H)), carray(at(a[1]), (T, B, G)), carray(at(a[2]), (T, B, H)),
                    carray(at(a[3]), (B, H)), carray(at(a[4]), (1,)), carray(at(a[5]), (1,)),
                    carray(at(a[6]), (T, B, G)), carray(at(a[7]), (T, B, I)), carray(at(a[8]), (B, H)),
-                   carray(at(a[9]), (B, H)), r0, r1, carray(at(a[10]), (1,)))
+                   carray(at(a[9]), (B, H)), r0, r1, carray(at(a[10]), (1,)), tile_h != 0, tile_x != 0)
 
 
 def _weight_part(arg):
@@ -175,11 +195,9 @@ class PackedWeights:
         self._layouts = {}
 
     def rows(self):
-        """(W_ih, W_hh) packed whole, as the row parts read them."""
+        """(W_ih, W_hh) packed whole, as the row parts read them (_pack_rows)."""
         if "rows" not in self._layouts:
-            (G, I), P = self._weights[0].shape, self._weights[1].shape[1]
-            self._layouts["rows"] = tuple(gemm_kernel.pack_for_xwt(W, scratch.empty(packed_size(G, K), W.dtype))
-                                          for W, K in zip(self._weights, (I, P)))
+            self._layouts["rows"] = tuple(_pack_rows(W, scratch.empty) for W in self._weights)
         return self._layouts["rows"]
 
     def units(self, parts):
@@ -188,6 +206,29 @@ class PackedWeights:
         if key not in self._layouts:
             self._layouts[key] = lstm_units.pack_weights(*self._weights, parts)
         return self._layouts[key]
+
+
+def _tile_rows(M):
+    """Whether a row part's product into rows of M columns (G gates forward; H or I backward) runs
+    tile_gemm's tile: it writes whole panels of MR columns, so M must be a multiple of MR
+    (OpenBLAS's kernel otherwise)."""
+    return tile_gemm.AVAILABLE and M % tile_gemm.MR == 0
+
+
+def _pack_rows(W, new):
+    """W (G, K) packed for the row parts' products, into new((size,), dtype) (scratch's empty or take)."""
+    (G, K), dt = W.shape, W.dtype
+    if _tile_rows(G):
+        return tile_gemm.pack(W, new((tile_gemm.packed_size(G, K),), dt))
+    return gemm_kernel.pack_for_xwt(W, new((packed_size(G, K),), dt))
+
+
+def _pack_dw(W):
+    """W (G, K) packed for the backward's da W (the A side is W^T, (K, G)), from scratch's pool."""
+    (G, K), dt = W.shape, W.dtype
+    if _tile_rows(K):
+        return tile_gemm.pack(W.T, scratch.take((tile_gemm.packed_size(K, G),), dt))
+    return gemm_kernel.pack_for_dw(W, scratch.take((packed_size(K, G),), dt))
 
 
 def pack_weights(W_ih, W_hh):
@@ -212,8 +253,7 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
         return lstm_units.forward(x, h0, c0, W_ih, W_hh, bias, out, parts,
                                   None if packed is None else packed.units(parts))
     if packed is None:
-        a_ih = gemm_kernel.pack_for_xwt(W_ih, scratch.take((packed_size(G, I),), dt))
-        a_hh = gemm_kernel.pack_for_xwt(W_hh, scratch.take((packed_size(G, P),), dt))
+        a_ih, a_hh = _pack_rows(W_ih, scratch.take), _pack_rows(W_hh, scratch.take)
     else:
         a_ih, a_hh = packed.rows()
     # kept arrays (scratch.py), as lstm_fused's loop takes them: the cache's gates and c
@@ -223,7 +263,7 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
     packs = [scratch.take((packed_size(hi - lo, max(I, P)),), dt) for lo, hi in ranges]
     zeros = np.zeros(G, dt)
     rows = _rows((x, h0, c0, bias, a_ih, a_hh, gates, c, out), [(p, zeros) for p in packs],
-                 (T, B, I, P, int(save)), ranges)
+                 (T, B, I, P, int(save), int(_tile_rows(G))), ranges)
     gemm_kernel.run_parts(_part(_forward_part), rows)
     for a in packs if packed is not None else (*packs, a_ih, a_hh):
         scratch.give(a)
@@ -239,8 +279,7 @@ def backward(dout, dh_T, dc_T, cache):
     G, P = W_hh.shape
     dt = x.dtype
     dout = np.ascontiguousarray(dout, dtype=dt)
-    a_hh = gemm_kernel.pack_for_dw(W_hh, scratch.take((packed_size(P, G),), dt))
-    a_ih = gemm_kernel.pack_for_dw(W_ih, scratch.take((packed_size(I, G),), dt))
+    a_hh, a_ih = _pack_dw(W_hh), _pack_dw(W_ih)
     dgates = scratch.take((T * B, G), dt).reshape(T, B, G)
     dx = scratch.take((T, B, I), dt)     # given back by rnn_base once the layer below has used it
     dh, dc = scratch.empty((B, P), dt), scratch.empty((B, G // 4), dt)     # the parts write their rows
@@ -248,7 +287,8 @@ def backward(dout, dh_T, dc_T, cache):
     dc[...] = 0 if dc_T is None else dc_T
     ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
     packs = [(scratch.take((packed_size(hi - lo, G),), dt),) for lo, hi in ranges]
-    rows = _rows((dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc), packs, (T, B, I, P), ranges)
+    rows = _rows((dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc), packs,
+                 (T, B, I, P, int(_tile_rows(P)), int(_tile_rows(I))), ranges)
     gemm_kernel.run_parts(_part(_backward_part), rows)
     for a in (a_hh, a_ih, *(p for p, in packs)):
         scratch.give(a)

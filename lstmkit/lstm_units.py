@@ -28,11 +28,12 @@ import os
 import numpy as np
 from numba import carray
 
-from . import gemm_kernel, scratch
-from .gemm_kernel import barrier, kernel, pack_b_cols, packed_size
+from . import gemm_kernel, scratch, tile_gemm
+from .gemm_kernel import barrier
 from .gemm_kernel import float32_at as at
 from .jit import _JIT, njit
 from .lstm_rows import _lstm_fwd_row_lean
+from .tile_gemm import xwt_add
 
 PANEL = 4       # the kernel's n-side panel: rows of B in fours (measured, gemm_kernel's cores)
 UNIT_STEP = 16  # units per part in multiples of 16 floats: one 64-byte line
@@ -58,7 +59,7 @@ def preferred(B, I, H, parts):
     whose 0.4 MiB of weights stay in L2 and which wastes no panel. So: units when the row parts run
     clearly more panels (over all of G) than all B rows over each part's share of the units, or
     when the weights do not fit in one core's L2."""
-    if parts < 2 or H < UNIT_STEP * parts:
+    if parts < 2 or H < UNIT_STEP * parts or not tile_gemm.AVAILABLE:
         return False
     biggest_part = -(-B // parts)                       # rows, rounded up
     by_rows = -(-biggest_part // PANEL)                 # its panels, each over all of G
@@ -80,49 +81,48 @@ def _rows_of(H, j0, j1):
 
 
 def pack_weights(W_ih, W_hh, parts):
-    """[(packed W_ih^p, packed W_hh^p) for each part]: each part's gate rows packed for the kernel."""
+    """[(packed W_ih^p, packed W_hh^p) for each part]: each part's gate rows packed for the tile."""
     H = W_hh.shape[1]
     out = []
     for j0, j1 in unit_ranges(H, parts):
         rows = _rows_of(H, j0, j1)
-        out.append(tuple(gemm_kernel.pack_for_xwt(W[rows], scratch.empty(packed_size(len(rows), W.shape[1]), W.dtype))
-                         for W in (W_ih, W_hh)))     # W[rows]: a C-contiguous copy of the part's rows
+        out.append(tuple(tile_gemm.pack(W[rows], scratch.empty(tile_gemm.packed_size(len(rows), W.shape[1]), W.dtype))
+                         for W in (W_ih, W_hh)))
     return out
 
 
 @njit(**_JIT)
-def _forward_units(x, h0, c0, c, out, counter, bias, a_ih, a_hh, gates, b_pack, parts, j0, j1):
+def _forward_units(x, h0, c0, c, out, counter, bias, a_ih, a_hh, gates, parts, j0, j1):
     """Part of units j0:j1, all T steps. c (2, B, H) taking turns as in lstm_parts (the last step
-    writes c[1]); out (T, B, H); counter: the barrier's address; bias (4 n,) and gates (B, 4 n) the
-    part's own."""
+    writes c[1]); out (T, B, H); counter: the barrier's address; bias (4 n,) the part's own, gates
+    (B, tile_gemm.panels(4 n)) too (columns past 4 n: the tile's padding, never read)."""
     T, B, I = x.shape
     H = out.shape[2]
-    G = gates.shape[1]
-    one = np.float32(1.0)
+    G = bias.shape[0]
+    ldc = gates.shape[1]
+    gates[:, G:] = 0
     for r in range(B):
-        gates[r, :] = bias
+        gates[r, :G] = bias
     for t in range(T):
         hp = h0 if t == 0 else out[t - 1]
         cp = c0 if t == 0 else c[(t + T - 1) % 2]
         ct = c[(t + T) % 2]
-        pack_b_cols(I, B, x[t].ctypes.data, I, b_pack.ctypes.data)
-        kernel(G, B, I, one, a_ih.ctypes.data, b_pack.ctypes.data, gates.ctypes.data, G)
-        pack_b_cols(H, B, hp.ctypes.data, H, b_pack.ctypes.data)
-        kernel(G, B, H, one, a_hh.ctypes.data, b_pack.ctypes.data, gates.ctypes.data, G)
+        xwt_add(G, B, I, a_ih.ctypes.data, x[t].ctypes.data, I, gates.ctypes.data, ldc)
+        xwt_add(G, B, H, a_hh.ctypes.data, hp.ctypes.data, H, gates.ctypes.data, ldc)
         for r in range(B):     # the lean kernel leaves b in gates for the next step
             _lstm_fwd_row_lean(gates[r], bias, cp[r, j0:j1], ct[r, j0:j1], out[t, r, j0:j1])
         barrier(counter, parts, t)
 
 
 def _forward_part(arg):
-    """x, h0, c0, c, out, counter; bias, a_ih, a_hh, gates, b_pack; T, B, I, H, parts; j0, j1."""
+    """x, h0, c0, c, out, counter; bias, a_ih, a_hh, gates; T, B, I, H, parts, ldc; j0, j1."""
     a = carray(arg, 18)
-    T, B, I, H, parts, j0, j1 = a[11], a[12], a[13], a[14], a[15], a[16], a[17]
+    T, B, I, H, parts, ldc, j0, j1 = a[10], a[11], a[12], a[13], a[14], a[15], a[16], a[17]
     n = 4 * (j1 - j0)
     _forward_units(carray(at(a[0]), (T, B, I)), carray(at(a[1]), (B, H)), carray(at(a[2]), (B, H)),
                    carray(at(a[3]), (2, B, H)), carray(at(a[4]), (T, B, H)), a[5],
                    carray(at(a[6]), (n,)), carray(at(a[7]), (1,)), carray(at(a[8]), (1,)),
-                   carray(at(a[9]), (B, n)), carray(at(a[10]), (1,)), parts, j0, j1)
+                   carray(at(a[9]), (B, ldc)), parts, j0, j1)
 
 
 def forward(x, h0, c0, W_ih, W_hh, bias, out, parts, packed=None):
@@ -143,13 +143,12 @@ def forward(x, h0, c0, W_ih, W_hh, bias, out, parts, packed=None):
     c = scratch.take((2, B, H), dt)                 # returned; lstm_fused gives it back
     counter = scratch.take((8,), np.int64)          # one cache line of its own
     counter[:] = 0
-    gates = [scratch.take((B, 4 * (j1 - j0)), dt) for j0, j1 in ranges]
-    packs = [scratch.take((packed_size(B, max(I, H)),), dt) for _ in ranges]
-    own = [(bias[_rows_of(H, j0, j1)], a_ih, a_hh, g, b_pack)
-           for (j0, j1), (a_ih, a_hh), g, b_pack in zip(ranges, packed, gates, packs)]
-    rows = _rows((x, h0, c0, c, out, counter), own, (T, B, I, H, parts), ranges)
+    ldc = max(tile_gemm.panels(4 * (j1 - j0)) for j0, j1 in ranges)     # room for the tile's padding
+    gates = [scratch.take((B, ldc), dt) for _ in ranges]
+    own = [(bias[_rows_of(H, j0, j1)], a_ih, a_hh, g) for (j0, j1), (a_ih, a_hh), g in zip(ranges, packed, gates)]
+    rows = _rows((x, h0, c0, c, out, counter), own, (T, B, I, H, parts, ldc), ranges)
     gemm_kernel.run_parts(_part(_forward_part), rows, together=True)
-    for a in (*gates, *packs, counter):
+    for a in (*gates, counter):
         scratch.give(a)
     # lstm_parts.forward's gates without save: a (1, B, G) array that the caller gives back
     return scratch.take((B, 4 * H), dt).reshape(1, B, 4 * H), c, out

@@ -41,7 +41,10 @@ def _run(a, dout, dh_T, dc_T):
     return [out, h_T, c_T, *[v.copy() for v in lean]], [None if g is None else g.copy() for g in grads]
 
 
-@pytest.mark.parametrize("T, B, I, H", [(5, 16, 7, 9), (3, 33, 20, 16), (1, 17, 3, 5), (6, 40, 64, 32)])
+# (tile_gemm's tile where the product's output columns are whole panels: G forward, H and I backward;
+# with AVX-512 panels of 64: forward at H = 16, 32, 64, dx at I = 64, dh at H = 64)
+@pytest.mark.parametrize("T, B, I, H", [(5, 16, 7, 9), (3, 33, 20, 16), (1, 17, 3, 5), (6, 40, 64, 32),
+                                        (4, 24, 70, 64), (2, 24, 64, 64)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("h0_zero", [True, False])
 @pytest.mark.parametrize("final_grads", [True, False])
