@@ -1,23 +1,22 @@
 """The LSTM inference forward (no save) with each step split between the cores by hidden units
-instead of by batch rows (oneDNN's split), where the row parts lose: batch sizes whose rows waste
-the kernel's panels, and weights too big for one core's L2.
+instead of by batch rows (oneDNN's split), for weights far bigger than one core's L2.
 
-Why. OpenBLAS's micro-kernel takes the batch rows of a step's product in panels of 4 (the n side,
-gemm_kernel.py): a part of 25 rows costs what 28 do (measured: 34.3 µs against 30.4 for 24 at
-(G, K) = (512, 128)). lstm_parts.py cuts B = 50 into two parts of 25: 7 panels of the whole G each.
-Cut by units instead, each core runs all 50 rows (13 panels) on its half of the gate rows: 6.5
-panels of G; and only half the weights stream through each core per step, which pays wherever the
-weights do not fit in its L2, whatever the batch. The price: the next step
-needs all of h_t, so the parts meet at a barrier every step (gemm_kernel.barrier, ~0.2 µs).
-lstm_parts.forward takes this path when `preferred` says so; tests/test_lstm_parts.py holds it to
-the reference like the row parts.
+Why. Cut by rows (lstm_parts.py), every core multiplies its rows by all the weights at every step,
+so weights past its L2 stream through each core every step. Cut by units, each core runs all B
+rows on its share of the gate rows: only its share of the weights streams. The price: the next
+step needs all of h_t, so the parts meet at a barrier every step (gemm_kernel.barrier, ~0.2 µs)
+and each fetches the half the other core wrote. With tile_gemm's tile in both splits that pays
+only from about four L2s of weights up (`preferred`, which has the measurements); with OpenBLAS's
+kernel it had paid from one, but that kernel also wasted the rows' panels (it takes the batch in
+fours: a part of 25 rows cost what 28 do). lstm_parts.forward takes this path when `preferred`
+says so; tests/test_lstm_parts.py holds it to the reference like the row parts.
 
 Part p owns the units j0:j1 (a multiple of 16 apart, so no two parts write one cache line of a row)
 and the four gate rows of each: its weights are the rows g H + j for g in i, f, g, o, packed once
-(pack_weights), and its gates a private (B, 4 (j1 - j0)) buffer laid out i, f, g, o like a whole
+(pack_weights), and its gates a private (B, 4 (j1 - j0) + padding) buffer laid out i, f, g, o like a whole
 layer of j1 - j0 units, so lstm_rows' lean kernel runs on it unchanged:
 
-    a^p_t = b^p + x_t W_ih^p^T + h_{t-1} W_hh^p^T          (B, 4 n_p)  two kernel calls, all B rows
+    a^p_t = b^p + x_t W_ih^p^T + h_{t-1} W_hh^p^T          (B, 4 n_p)  two tile products, all B rows
     c_t[:, j0:j1], h_t[:, j0:j1] = the fused gate kernel    then barrier: h_t is whole
 
 Shape letters: T steps, B batch, I input size, H hidden size (= P), G = 4H; n_p = j1 - j0.
@@ -35,7 +34,6 @@ from .jit import _JIT, njit
 from .lstm_rows import _lstm_fwd_row_lean
 from .tile_gemm import xwt_add
 
-PANEL = 4       # the kernel's n-side panel: rows of B in fours (measured, gemm_kernel's cores)
 UNIT_STEP = 16  # units per part in multiples of 16 floats: one 64-byte line
 
 
@@ -50,22 +48,23 @@ def _l2_bytes():
 L2_BYTES = _l2_bytes()      # one core's L2 (1 MiB on Zen 4; 1-2 MiB on Intel's AVX-512 cores)
 
 
+# Units only where the weights pass this many L2s: measured with tile_gemm's tile on two Zen 4
+# cores (1 MiB L2 each), units against rows, alternating call by call (BENCHMARKS.md, "Ninth
+# session"): 0.89x at 32 MiB of weights ((20,16,1024,1024)), 0.96-1.03x at 8 MiB ((50,50,512,512),
+# (100,64,512,512), (50,16,512,512)), 1.06-1.08x at 2 MiB ((100,32,256,256)), 1.10x at 0.5 MiB.
+UNITS_ABOVE_L2 = 4
+
+
 def preferred(B, I, H, parts):
-    """Whether to split a no-save forward of B rows by units. Measured on two Zen 4 cores
-    (BENCHMARKS.md, "Eighth session"), against the row parts: 0.88x at (50, 50, 512, 512) and
-    0.95-0.98x at (50, 50, 128, 128), where rows would waste panels; 0.93-0.94x at
-    (100, 32, 256, 256) and (100, 64, 512, 512), where they waste none but each core would stream
-    all the weights (2 and 8 MiB packed) past its L2 every step; 1.02-1.03x at (50, 32, 64, 128),
-    whose 0.4 MiB of weights stay in L2 and which wastes no panel. So: units when the row parts run
-    clearly more panels (over all of G) than all B rows over each part's share of the units, or
-    when the weights do not fit in one core's L2."""
+    """Whether to split a no-save forward of B rows by units rather than rows. Rows keep each core
+    on its own rows of h (its own writes, in its cache); units fetch the other core's half of
+    h_{t-1} every step and meet at a barrier, and pay back only where each core would otherwise
+    stream weights far past its L2: four L2s' worth (UNITS_ABOVE_L2). Needs tile_gemm's tile (the
+    parts' gate rows padded to its panels) and UNIT_STEP units a part."""
     if parts < 2 or H < UNIT_STEP * parts or not tile_gemm.AVAILABLE:
         return False
-    biggest_part = -(-B // parts)                       # rows, rounded up
-    by_rows = -(-biggest_part // PANEL)                 # its panels, each over all of G
-    by_units = -(-B // PANEL) / parts                   # all rows' panels, each over 1/parts of G
     weights = 4 * H * (I + H) * 4                       # float32 W_ih and W_hh
-    return by_units < 0.95 * by_rows or weights > L2_BYTES
+    return weights > UNITS_ABOVE_L2 * L2_BYTES
 
 
 def unit_ranges(H, parts):
@@ -101,6 +100,9 @@ def _forward_units(x, h0, c0, c, out, counter, bias, a_ih, a_hh, gates, parts, j
     G = bias.shape[0]
     ldc = gates.shape[1]
     gates[:, G:] = 0
+    # h_{t-1}'s other half was written by the other core: copied in one streaming pass each step,
+    # as the tile's six-row reads fetched it line by line (units 1.23x the rows' time, 1.06x copied)
+    hcopy = np.empty((B, H), np.float32)
     for r in range(B):
         gates[r, :G] = bias
     for t in range(T):
@@ -108,7 +110,8 @@ def _forward_units(x, h0, c0, c, out, counter, bias, a_ih, a_hh, gates, parts, j
         cp = c0 if t == 0 else c[(t + T - 1) % 2]
         ct = c[(t + T) % 2]
         xwt_add(G, B, I, a_ih.ctypes.data, x[t].ctypes.data, I, gates.ctypes.data, ldc)
-        xwt_add(G, B, H, a_hh.ctypes.data, hp.ctypes.data, H, gates.ctypes.data, ldc)
+        hcopy[:, :] = hp
+        xwt_add(G, B, H, a_hh.ctypes.data, hcopy.ctypes.data, H, gates.ctypes.data, ldc)
         for r in range(B):     # the lean kernel leaves b in gates for the next step
             _lstm_fwd_row_lean(gates[r], bias, cp[r, j0:j1], ct[r, j0:j1], out[t, r, j0:j1])
         barrier(counter, parts, t)

@@ -24,6 +24,9 @@ if not gemm_kernel.AVAILABLE:  # pragma: no cover - NumPy without OpenBLAS, or a
 TOL = dict(rtol=1e-4, atol=2e-5)     # float32 against float64, as tests/test_kernels.py
 
 
+# an L2 so small that the units split takes the tests' small layers (its rule is tested on its own)
+SMALL_L2 = 1024
+
 def _inputs(rng, T, B, I, H, bias, h0_zero):
     r = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)   # noqa: E731
     h0 = np.zeros((B, H), np.float32) if h0_zero else r(B, H)
@@ -168,12 +171,13 @@ def test_run_parts_runs_every_row_once_on_openblas_threads():
 
 
 @pytest.mark.parametrize("B, H, split", [(24, 12, "rows"), (50, 32, "units")])
-def test_layers_called_from_two_threads_at_once(B, H, split):
+def test_layers_called_from_two_threads_at_once(B, H, split, monkeypatch):
     """Two Python threads in the parts at the same time share OpenBLAS's workers (for the units
     split, each call's parts meet at barriers while the other call waits for a worker): both
     finish, with the same results as one at a time."""
     import threading
     from lstmkit import lstm_units
+    monkeypatch.setattr(lstm_units, "L2_BYTES", SMALL_L2)
     assert lstm_units.preferred(B, 10, H, 2) == (split == "units")
     rng = np.random.default_rng(5)
     inputs = [_inputs(rng, 6, B, 10, H, True, False) for _ in range(2)]
@@ -278,15 +282,17 @@ def test_no_grad_keeps_packed_weights_until_they_change(layers, bidir, monkeypat
 from lstmkit import lstm_units  # noqa: E402
 
 
-def test_units_preferred_where_rows_waste_panels_or_weights_pass_l2(monkeypatch):
+def test_units_preferred_where_weights_pass_four_l2s(monkeypatch):
     monkeypatch.setattr(lstm_units, "L2_BYTES", 1 << 20)
-    assert lstm_units.preferred(50, 128, 128, 2)           # rows of 25: 7 panels each; units: 6.5
-    assert lstm_units.preferred(20, 16, 64, 2)             # rows of 10: 3 panels; units: 2.5
-    assert not lstm_units.preferred(32, 64, 128, 2)        # 4 panels either way, 0.4 MiB of weights
-    assert not lstm_units.preferred(48, 128, 128, 2)       # 6 panels either way, 0.5 MiB
-    assert lstm_units.preferred(32, 256, 256, 2)           # 2 MiB of weights: more than one L2
-    assert not lstm_units.preferred(50, 128, 128, 1)       # one part: nothing to split
-    assert not lstm_units.preferred(50, 128, 24, 2)        # fewer than 16 units a part
+    assert not lstm_units.preferred(50, 128, 128, 2)       # 0.5 MiB of weights
+    assert not lstm_units.preferred(32, 256, 256, 2)       # 2 MiB
+    assert not lstm_units.preferred(64, 256, 256, 2)       # 2 MiB, whatever the batch
+    assert lstm_units.preferred(50, 512, 512, 2)           # 8 MiB
+    assert lstm_units.preferred(16, 1024, 1024, 2)         # 32 MiB
+    assert not lstm_units.preferred(50, 512, 512, 1)       # one part: nothing to split
+    assert not lstm_units.preferred(50, 4096, 24, 2)       # fewer than 16 units a part
+    monkeypatch.setattr(lstm_units.tile_gemm, "AVAILABLE", False)
+    assert not lstm_units.preferred(50, 512, 512, 2)       # the parts' padded gates need the tile
     for H in (32, 40, 48, 100, 256):
         r = lstm_units.unit_ranges(H, 2)
         assert r[0][0] == 0 and r[-1][1] == H and all(a[1] == b[0] for a, b in zip(r, r[1:]))
@@ -301,6 +307,7 @@ def test_units_match_reference_and_rows(T, B, I, H, bias, monkeypatch):
     batches) against the float64 reference and the row parts; which path ran, spied."""
     if gemm_kernel.parts_for(B) < 2:
         pytest.skip("one core or one BLAS thread: there is nothing to split")
+    monkeypatch.setattr(lstm_units, "L2_BYTES", SMALL_L2)
     rng = np.random.default_rng(T + B + I + H)
     a = _inputs(rng, T, B, I, H, bias, False)
     args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
@@ -351,11 +358,13 @@ def test_barrier_orders_the_steps_of_parts():
 
 
 @pytest.mark.parametrize("layers, bidir", [(1, False), (2, True)])
-def test_module_no_grad_by_units_matches_torch(layers, bidir):
-    """A module's stack under no_grad at a batch the units split takes (B = 50), against torch."""
+def test_module_no_grad_by_units_matches_torch(layers, bidir, monkeypatch):
+    """A module's stack under no_grad through the units split (B = 50), against torch."""
     torch = pytest.importorskip("torch")
     import lstmkit
     from oracle import assert_close, torch_twin
+    monkeypatch.setattr(lstm_units, "L2_BYTES", SMALL_L2)
+    assert lstm_units.preferred(50, 24, 48, 2)
     kw = dict(input_size=24, hidden_size=48, num_layers=layers, bidirectional=bidir)
     ours = LSTM(**kw, dtype=np.float32, seed=5)
     twin = torch_twin(ours, torch.nn.LSTM, **kw)
@@ -380,6 +389,7 @@ def test_units_run_together_while_another_thread_lowers_blas_threads(monkeypatch
     rng = np.random.default_rng(8)
     a = _inputs(rng, 5, 50, 10, 32, True, False)
     args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
+    monkeypatch.setattr(lstm_units, "L2_BYTES", SMALL_L2)
     assert lstm_units.preferred(50, 10, 32, 2)
     want = K.lstm_layer_forward(*args, save=False)[0].copy()
     real_parts_for = gemm_kernel.parts_for
@@ -398,6 +408,8 @@ def test_units_run_together_while_another_thread_lowers_blas_threads(monkeypatch
 def test_units_never_take_more_parts_than_the_pool_had(monkeypatch):
     """More parts than OpenBLAS's pool had at import (the user raised its thread count since): the
     row parts run the call instead of the units split, which needs all parts at once."""
+    monkeypatch.setattr(lstm_units, "L2_BYTES", SMALL_L2)
+    assert lstm_units.preferred(50, 10, 32, 2)
     rng = np.random.default_rng(9)
     a = _inputs(rng, 4, 50, 10, 32, True, False)
     args = (a["x"], a["h0"], a["c0"], a["W_ih"], a["W_hh"], a["b"])
