@@ -166,14 +166,17 @@ class _RNNBase(_Module):
             # says why); one step of batch 1 without backward reads W_hh's rows instead, and
             # lstm_parts.py's loops (B >= 16 in float32) the weights packed for the kernel
             one_token = x.shape[0] == 1 and x.shape[1] == 1 and not save
-            parts = backend is _kernels and _kernels is not None and bs is None and \
-                _kernels.lstm_parts.usable(np.result_type(x.dtype, W_ih.dtype), x.shape[1], self.proj_size > 0)
+            fused = backend is _kernels and _kernels is not None and bs is None
+            parts = fused and _kernels.lstm_parts.usable(np.result_type(x.dtype, W_ih.dtype), x.shape[1],
+                                                         self.proj_size > 0)
+            # batch 1 over several steps without save: its recurrent product on tile_gemm's packing
+            b1_steps = fused and not save and x.shape[1] == 1 and x.shape[0] > 1 and self.proj_size == 0
             W_hh_T = self._transposed_W_hh(sfx) if self._xp is np and not one_token and not parts else None
-            if bs is None and out is None and not parts:   # the hot path of generation: no extra keyword
+            if bs is None and out is None and not parts and not b1_steps:   # generation's hot path
                 return backend.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, p.get("weight_hr" + sfx),
                                                   save=save, W_hh_T=W_hh_T)
             extra = {} if out is None else {"out": out}   # out: the fused CPU layers only
-            if parts and not save:   # inference keeps the packed weights; training changes them every step
+            if (parts or b1_steps) and not save:   # inference keeps the packed weights; training changes them every step
                 extra["packed"] = self._derived(("packed", sfx), ("weight_ih" + sfx, "weight_hh" + sfx),
                                                 _kernels.lstm_parts.pack_weights)
             return backend.lstm_layer_forward(x, h0, c0, W_ih, W_hh, b, p.get("weight_hr" + sfx),

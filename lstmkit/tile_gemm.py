@@ -80,7 +80,9 @@ def pack(A, out, mr=MR):
     return out
 
 
-if AVAILABLE:
+# Defined wherever Numba is (the layers' compiled loops name xwt_add and compile it with them), run
+# only where AVAILABLE: elsewhere LLVM splits the vectors into narrower ones, correct but slower.
+if _JIT_AVAILABLE:
     def _emit_tile(builder, nr, K, pa, px, ldx, pc, ldc, vw, mv):
         """The IR of one tile with nr rows of X (1 <= nr <= NR): C[0:nr, 0:MR] += X[0:nr] A_panel^T.
         pa the panel (K, MR), px X's first row, pc C's; ldx, ldc their row strides in floats."""

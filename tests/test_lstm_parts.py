@@ -422,3 +422,28 @@ def test_units_never_take_more_parts_than_the_pool_had(monkeypatch):
     assert taken == [lstm_parts._part(lstm_parts._forward_part)]
     np.testing.assert_allclose(got, want, **TOL)
 
+
+
+@pytest.mark.parametrize("H, tile", [(128, True), (20, False)])
+def test_batch_one_no_grad_on_the_tile_matches_torch(H, tile, monkeypatch):
+    """Batch 1 over several steps under no_grad: with G whole tile panels both products run
+    tile_gemm's tile on the module's kept packing (spied), against torch and the save path."""
+    torch = pytest.importorskip("torch")
+    import lstmkit
+    from oracle import assert_close, torch_twin
+    kw = dict(input_size=65, hidden_size=H, num_layers=2)
+    ours = LSTM(**kw, dtype=np.float32, seed=3)
+    twin = torch_twin(ours, torch.nn.LSTM, **kw)
+    x = np.random.default_rng(4).standard_normal((9, 1, 65)).astype(np.float32)
+    rows = []
+    real_rows = lstm_parts.PackedWeights.rows
+    monkeypatch.setattr(lstm_parts.PackedWeights, "rows", lambda self: (rows.append(1), real_rows(self))[1])
+    with lstmkit.no_grad():
+        out, (h_n, c_n) = ours(x)
+    assert len(rows) == (2 if tile and lstm_parts._tile_rows(4 * H) else 0)    # one per layer
+    saved, _ = ours(x)                                                           # the save path's products
+    with torch.no_grad():
+        t_out, (t_hn, t_cn) = twin(torch.from_numpy(x))
+    for got, want, what in ((out, t_out, "output"), (h_n, t_hn, "h_n"), (c_n, t_cn, "c_n")):
+        assert_close(got, want, np.float32, what)
+    np.testing.assert_allclose(out, saved, **TOL)
