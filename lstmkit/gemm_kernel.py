@@ -10,7 +10,9 @@ Intel MKL sells exactly this reuse as cblas_sgemm_pack / cblas_sgemm_compute; Op
 its pieces: the copy routine that packs A, the one that packs B, and the kernel
     kernel(m, n, k, alpha, packed_A, packed_B, C, ldc):   C += alpha A B   (column-major C)
 So a layer packs its weights once per call (pack_for_xwt, pack_for_dw) and each step only packs
-the small B side.
+the small B side. Where a product's output columns are whole panels of tile_gemm.py's register
+tile, the layers run that kernel of ours instead (7-14% faster per core on Zen 4, and no B side to
+pack); this one serves the other shapes, the weight gradients, and the parts runner below.
 
 In column-major terms a row-major (B, G) result R = H W^T is the (G x B) matrix W H^T: the weights
 are the m side (A, packed once), the B rows of H the n side (packed each step), and C can be any
