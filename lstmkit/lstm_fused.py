@@ -50,9 +50,10 @@ def _lstm_forward_b1(x, h0, c0, W_ih, W_hh, bias, W_hr, has_proj, xa, W_hh_T, a_
           (jit._vecmat_add; for T > 1, where the copy pays);
       xa empty: both products as dot products with the rows of W_ih, W_hh (one step: no copy,
           no extra call).
-    a_hh: W_hh packed by tile_gemm (float32, G whole panels; the caller keeps it), or empty: the
-    recurrent product then runs the tile with one row of X, which reads W_hh in its panels'
-    order, 2.3 µs against the axpys' 3.3 at (G, P) = (512, 128) (xa then comes from the tile too)."""
+    a_hh: W_hh packed by tile_gemm (float32, G whole panels; the caller keeps it), or empty.
+    Given, the recurrent product runs the tile with one row of X, which reads W_hh in its panels'
+    order: 2.3 µs a step against the axpys' 3.3 at (G, P) = (512, 128) (the caller then made xa
+    with the tile too). Empty, the axpys over W_hh_T."""
     T = x.shape[0]
     G, P = W_hh.shape
     H = G // 4
