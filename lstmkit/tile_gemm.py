@@ -15,7 +15,7 @@ fused multiply-adds into MV * NR accumulators, which stay in registers until k =
 them into C. With AVX-512 (32 registers of 16 floats): MV = 4, NR = 6, 24 accumulators + 4 + 1
 broadcast; with AVX2 and FMA (16 registers of 8 floats): MV = 2, NR = 6, 12 + 2 + 1. Measured
 on Zen 4 at (M, K, n) = (1024, 256, 32): MV x NR = 4 x 6 at 110 GFLOP/s, 2 x 12 at 68-85
-(spills), 1 x 24 at 103; panels outer and X's rows inner (each panel read from L2 once per
+(two loop orders), 1 x 24 at 103; panels outer and X's rows inner (each panel read from L2 once per
 NR rows of X, the NR rows of X from L1).
 
 Shape letters: M the product's output columns (gate rows of the weights), K the reduction
