@@ -131,7 +131,7 @@ def lstm_layer_forward(x, h0, c0, W_ih, W_hh, b=None, W_hr=None, *, save=True, W
     batch_sizes (T,) or None: a packed batch (packed.py), run natively over its real rows only
     (_lstm_forward_packed); a batch whose sequences all run T steps is an ordinary one.
     A float32 batch of lstm_parts.MIN_BATCH rows or more without projection runs lstm_parts.py
-    (OpenBLAS's micro-kernel on packed weights, the batch in parts); the cache is the same.
+    (a micro-kernel on packed weights, the batch in parts); the cache is the same.
     out: a C-contiguous (T, B, P) array of the result's dtype to write the output into, as NumPy's
     out= (stack_arrays.py passes kept arrays, so that a step maps no fresh memory); it is what is
     returned.

@@ -239,8 +239,8 @@ def pack_weights(W_ih, W_hh):
 def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
     """lstm_fused._lstm_forward_loop's contract (no projection): gates, c, out. packed: what
     pack_weights(W_ih, W_hh) returns, when the caller keeps it; else the weights are packed here.
-    Without save, a batch that the row parts would cut into wasteful panels, or whose weights
-    outgrow one core's L2 (lstm_units.preferred), runs lstm_units.py's split by units instead."""
+    Without save, a layer whose weights pass four L2s (lstm_units.preferred) runs lstm_units.py's
+    split by units instead."""
     T, B, I = x.shape
     G, P = W_hh.shape
     dt = x.dtype
@@ -260,10 +260,14 @@ def forward(x, h0, c0, W_ih, W_hh, bias, save, out=None, packed=None):
     gates = scratch.take((T * B if save else B, G), dt).reshape(-1, B, G)
     c = scratch.take((T, B, G // 4) if save else (2, B, G // 4), dt)
     ranges = gemm_kernel.row_ranges(B, parts)
-    packs = [scratch.take((packed_size(hi - lo, max(I, P)),), dt) for lo, hi in ranges]
+    tile = _tile_rows(G)
     zeros = np.zeros(G, dt)
-    rows = _rows((x, h0, c0, bias, a_ih, a_hh, gates, c, out), [(p, zeros) for p in packs],
-                 (T, B, I, P, int(save), int(_tile_rows(G))), ranges)
+    # OpenBLAS's kernel reads x_t and h_{t-1} packed into a part's buffer; the tile reads none
+    # (then any array stands in for it)
+    packs = [] if tile else [scratch.take((packed_size(hi - lo, max(I, P)),), dt) for lo, hi in ranges]
+    b_packs = packs or [zeros] * parts
+    rows = _rows((x, h0, c0, bias, a_ih, a_hh, gates, c, out), [(p, zeros) for p in b_packs],
+                 (T, B, I, P, int(save), int(tile)), ranges)
     gemm_kernel.run_parts(_part(_forward_part), rows)
     for a in packs if packed is not None else (*packs, a_ih, a_hh):
         scratch.give(a)
@@ -286,11 +290,15 @@ def backward(dout, dh_T, dc_T, cache):
     dh[...] = 0 if dh_T is None else dh_T
     dc[...] = 0 if dc_T is None else dc_T
     ranges = gemm_kernel.row_ranges(B, gemm_kernel.parts_for(B))
-    packs = [(scratch.take((packed_size(hi - lo, G),), dt),) for lo, hi in ranges]
-    rows = _rows((dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc), packs,
-                 (T, B, I, P, int(_tile_rows(P)), int(_tile_rows(I))), ranges)
+    tile_h, tile_x = _tile_rows(P), _tile_rows(I)
+    # da_t packed for OpenBLAS's kernel, unless the tile runs both products (then any array
+    # stands in for the buffer)
+    packs = [] if tile_h and tile_x else [scratch.take((packed_size(hi - lo, G),), dt) for lo, hi in ranges]
+    b_packs = packs or [dc] * len(ranges)
+    rows = _rows((dout, gates, c, c0, a_hh, a_ih, dgates, dx, dh, dc), [(p,) for p in b_packs],
+                 (T, B, I, P, int(tile_h), int(tile_x)), ranges)
     gemm_kernel.run_parts(_part(_backward_part), rows)
-    for a in (a_hh, a_ih, *(p for p, in packs)):
+    for a in (a_hh, a_ih, *packs):
         scratch.give(a)
     dW_ih, dW_hh = scratch.take((G, I), dt), scratch.take((G, P), dt)
     db = scratch.empty(G if cache["has_bias"] else 0, dt)

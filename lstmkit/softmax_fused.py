@@ -73,8 +73,9 @@ if AVAILABLE:
 def cross_entropy(z, y, overwrite=False):
     """(mean loss as a Python float, dz) for logits z (N, V) and targets y (N,), dz the gradient
     of the mean loss, written over z when overwrite; or None when the caller must use the readable
-    form (Numba missing, arrays this loop does not take, or a target outside 0..V-1, for which the
-    readable form raises NumPy's IndexError)."""
+    form (Numba missing, arrays this loop does not take, or a target outside 0..V-1: model.py
+    raises IndexError for those before it calls here; checked again because this loop indexes
+    memory with the targets)."""
     if not AVAILABLE or not (isinstance(z, np.ndarray) and isinstance(y, np.ndarray)):
         return None
     if z.ndim != 2 or y.shape != (z.shape[0],) or z.dtype not in (np.float32, np.float64) or z.size == 0:
